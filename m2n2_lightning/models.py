@@ -1,0 +1,34 @@
+"""The MLP of the paper's experiments."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """in -> hidden (ReLU) -> out, parameters laid out as the reference does.
+
+    The flat vector is W1 [in, hidden], b1 [hidden], W2 [hidden, out], b2 [out]
+    (inputs times weights, not nn.Linear's transposed [out, in]), so a split
+    point falls where it falls in the reference and D = 19,210 for 64-256-10.
+    Parameters start at zero: the strategies draw their own initial members.
+    """
+
+    def __init__(self, in_features: int = 64, hidden: int = 256, out_features: int = 10) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("hidden", hidden), ("out_features", out_features)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MLP {name} must be a positive integer, got {value!r}")
+        self.in_features, self.hidden, self.out_features = in_features, hidden, out_features
+        self.w1 = nn.Parameter(torch.zeros(in_features, hidden))
+        self.b1 = nn.Parameter(torch.zeros(hidden))
+        self.w2 = nn.Parameter(torch.zeros(hidden, out_features))
+        self.b2 = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = torch.relu(x.flatten(1) @ self.w1 + self.b1)
+        return hidden @ self.w2 + self.b2
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.hidden} -> {self.out_features}"
