@@ -1,0 +1,112 @@
+"""What the digits and MNIST data modules share: splits held as in-memory tensors."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["TensorDataModule", "TensorPair"]
+
+#: ``(inputs, labels)``, both on the CPU.
+TensorPair = tuple[torch.Tensor, torch.Tensor]
+
+
+def _check_count(name: str, value: object, *, minimum: int, allow_none: bool = False) -> None:
+    """Raise a ValueError unless ``value`` is an int >= ``minimum`` (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+class TensorDataModule(L.LightningDataModule):
+    """A data module whose splits are whole CPU tensors, loaded once.
+
+    Subclasses implement :meth:`load`, returning the training part and the
+    test set. The last ``val_size`` training examples become the validation
+    set; with ``val_size=0`` (the default) the validation set *is* the test
+    set, because the paper's protocol has only a train and a test split.
+
+    The tensors are available as :attr:`train_tensors`, :attr:`val_tensors`
+    and :attr:`test_tensors` (each ``(x, y)`` on the CPU; the caller moves them
+    to its device once). Accessing them before :meth:`setup` runs it. The data
+    loaders serve the same tensors in order, ``batch_size`` examples at a time
+    (``None``: the whole split as a single batch).
+    """
+
+    #: Number of classes of the labels.
+    num_classes: int
+    #: Number of input features of one example (the product of its shape).
+    input_dim: int
+
+    def __init__(self, *, num_train: int, val_size: int = 0, batch_size: int | None = None) -> None:
+        """``num_train``: size of the training part :meth:`load` returns, before the validation split."""
+        super().__init__()
+        _check_count("val_size", val_size, minimum=0)
+        _check_count("batch_size", batch_size, minimum=1, allow_none=True)
+        if val_size >= num_train:
+            raise ValueError(
+                f"val_size={val_size} is not allowed: it must be smaller than the {num_train} training examples"
+            )
+        self.num_train = num_train
+        self.val_size = val_size
+        self.batch_size = batch_size
+        self._splits: dict[str, TensorPair] | None = None
+
+    def load(self) -> tuple[TensorPair, TensorPair]:
+        """Return ``(train, test)`` as CPU tensor pairs, train holding ``num_train`` examples."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load()")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data (once) and split off the validation set."""
+        if self._splits is not None:
+            return
+        (x, y), test = self.load()
+        if len(x) != self.num_train or len(y) != self.num_train:
+            raise RuntimeError(
+                f"{type(self).__name__}.load() returned {len(x)} training examples, not {self.num_train}"
+            )
+        if self.val_size:
+            cut = self.num_train - self.val_size
+            train, val = (x[:cut], y[:cut]), (x[cut:], y[cut:])
+        else:
+            train, val = (x, y), test
+        self._splits = {"train": train, "val": val, "test": test}
+
+    def _split(self, name: str) -> TensorPair:
+        if self._splits is None:
+            self.setup()
+        assert self._splits is not None
+        return self._splits[name]
+
+    @property
+    def train_tensors(self) -> TensorPair:
+        """``(x, y)`` of the training set (the resources of M2N2)."""
+        return self._split("train")
+
+    @property
+    def val_tensors(self) -> TensorPair:
+        """``(x, y)`` of the validation set (the test set unless ``val_size > 0``)."""
+        return self._split("val")
+
+    @property
+    def test_tensors(self) -> TensorPair:
+        """``(x, y)`` of the test set."""
+        return self._split("test")
+
+    def _loader(self, pair: TensorPair) -> DataLoader:
+        return DataLoader(TensorDataset(*pair), batch_size=self.batch_size or len(pair[0]), shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        """The training set in order, ``batch_size`` examples a batch (all when None)."""
+        return self._loader(self.train_tensors)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation set in order."""
+        return self._loader(self.val_tensors)
+
+    def test_dataloader(self) -> DataLoader:
+        """The test set in order."""
+        return self._loader(self.test_tensors)
