@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["TensorDataModule", "TensorPair"]
+__all__ = ["TensorBatches", "TensorDataModule", "TensorPair"]
 
 #: ``(inputs, labels)``, both on the CPU.
 TensorPair = tuple[torch.Tensor, torch.Tensor]
+
+
+class TensorBatches(Dataset):
+    """Consecutive batches of a tensor pair, served as slices (views, no copy, no collate).
+
+    Used with ``DataLoader(..., batch_size=None)``: a full-batch step costs
+    nothing, where ``TensorDataset`` would index and stack every example.
+    """
+
+    def __init__(self, pair: TensorPair, batch_size: int | None) -> None:
+        self.pair = pair
+        self.batch_size = batch_size or len(pair[0])
+
+    def __len__(self) -> int:
+        return -(-len(self.pair[0]) // self.batch_size)
+
+    def __getitem__(self, index: int) -> TensorPair:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start = index * self.batch_size
+        x, y = self.pair
+        return x[start : start + self.batch_size], y[start : start + self.batch_size]
 
 
 def _check_count(name: str, value: object, *, minimum: int, allow_none: bool = False) -> None:
@@ -97,7 +119,7 @@ class TensorDataModule(L.LightningDataModule):
         return self._split("test")
 
     def _loader(self, pair: TensorPair) -> DataLoader:
-        return DataLoader(TensorDataset(*pair), batch_size=self.batch_size or len(pair[0]), shuffle=False)
+        return DataLoader(TensorBatches(pair, self.batch_size), batch_size=None, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         """The training set in order, ``batch_size`` examples a batch (all when None)."""
