@@ -3,7 +3,16 @@
 from m2n2_lightning.evaluator import Evaluator
 from m2n2_lightning.models import MLP
 from m2n2_lightning.params import FlatParams, NotVmappableError, population_forward
-from m2n2_lightning.strategies import M2N2Strategy, Strategy
+from m2n2_lightning.strategies import CMAESStrategy, M2N2Strategy, Strategy
 
-__all__ = ["Evaluator", "FlatParams", "M2N2Strategy", "MLP", "NotVmappableError", "Strategy", "population_forward"]
+__all__ = [
+    "CMAESStrategy",
+    "Evaluator",
+    "FlatParams",
+    "M2N2Strategy",
+    "MLP",
+    "NotVmappableError",
+    "Strategy",
+    "population_forward",
+]
 __version__ = "0.1.0"
