@@ -61,6 +61,10 @@ class Strategy(nn.Module):
         """The flat parameters [D] of the strategy's current best solution."""
         raise NotImplementedError
 
+    def population(self) -> tuple[Tensor, Tensor]:
+        """Scores [P, N] and fitness [P] of the current population, for metrics."""
+        raise NotImplementedError
+
     @property
     def initialized(self) -> bool:
         """Whether the population is ready for `ask` to make children."""

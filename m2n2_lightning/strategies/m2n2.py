@@ -111,6 +111,11 @@ class M2N2Strategy(Strategy):
         """Current niche fitness [P] and shares [P, N] of the archive."""
         return ops.niche_fitness(self.scores, self.alpha)
 
+    def population(self) -> tuple[Tensor, Tensor]:
+        """Scores and niche fitness of the occupied members (a host sync: for logging)."""
+        fitness, _ = self.fitness()
+        return self.scores[self.occupied], fitness[self.occupied]
+
     @torch.no_grad()
     def ask(self, k: int | None = None) -> Tensor:
         dim = self.require_setup()

@@ -1,0 +1,85 @@
+"""Wall time of the Lightning loop against a bare Python loop driving the same strategy.
+
+Both run M2N2 (paper settings, k = 1) on the embedded digits for the same number
+of forward passes from the same seed, and must end with the same archive. The
+Lightning run uses the logging a normal `train.py` run does (CSV logger,
+validation every `--val-every` steps); checkpoints are off in both.
+
+    python benchmarks/lightning_overhead.py --forward-passes 5000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from m2n2_lightning import MLP, M2N2Strategy
+from m2n2_lightning.data import DigitsDataModule
+from m2n2_lightning.engine import EvolutionEngine
+from m2n2_lightning.module import EvolutionModule
+
+
+def bare_loop(forward_passes: int, seed: int) -> tuple[float, torch.Tensor]:
+    data = DigitsDataModule()
+    start = time.perf_counter()
+    engine = EvolutionEngine(MLP(), M2N2Strategy(seed=seed))
+    engine.attach(*data.train_tensors)
+    engine.initialize()
+    for _ in range(forward_passes):
+        engine.step()
+    return time.perf_counter() - start, engine.strategy.archive.clone()
+
+
+def lightning_loop(forward_passes: int, seed: int, val_every: int, log_every: int) -> tuple[float, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as folder:
+        module = EvolutionModule(MLP(), M2N2Strategy(seed=seed), heatmap=False)
+        trainer = L.Trainer(
+            max_steps=forward_passes,
+            logger=CSVLogger(folder),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            val_check_interval=val_every,
+            check_val_every_n_epoch=None,
+            log_every_n_steps=log_every,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=DigitsDataModule())
+        return time.perf_counter() - start, module.strategy.archive.clone()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--forward-passes", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-every", type=int, default=1000)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    bare, lit = [], []
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        seconds, bare_archive = bare_loop(args.forward_passes, args.seed)
+        bare.append(seconds)
+        seconds, lit_archive = lightning_loop(args.forward_passes, args.seed, args.val_every, args.log_every)
+        lit.append(seconds)
+        if not torch.equal(bare_archive, lit_archive):
+            raise SystemExit("the two loops ended with different archives: not the same computation")
+    b, t = statistics.median(bare), statistics.median(lit)
+    print(f"forward passes: {args.forward_passes}, repeats: {args.repeats}, threads: {torch.get_num_threads()}")
+    print(f"bare loop:      median {b:.2f} s  ({args.forward_passes / b:.0f} forward passes/s)  all {[round(x, 2) for x in bare]}")
+    print(f"Lightning loop: median {t:.2f} s  ({args.forward_passes / t:.0f} forward passes/s)  all {[round(x, 2) for x in lit]}")
+    print(f"overhead: {100 * (t / b - 1):+.1f}%  (same final archive: yes)")
+
+
+if __name__ == "__main__":
+    main()

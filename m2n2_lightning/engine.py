@@ -1,0 +1,165 @@
+"""The evolution step shared by `EvolutionModule` and `M2N2Callback`.
+
+One step is ask -> score -> tell, then the best member is copied into the
+model's own parameters (a device-side copy), so the model always *is* the
+current best network. The engine also gathers the resources once and reports
+the metrics both Lightning entry points log.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from m2n2_lightning.evaluator import Evaluator
+from m2n2_lightning.metrics import class_accuracy, niche_occupancy, save_heatmap
+from m2n2_lightning.params import FlatParams
+from m2n2_lightning.scoring import ScoreFn
+from m2n2_lightning.strategies.base import Strategy
+
+
+def collect_resources(batches: Iterable[Any], max_examples: int | None = None) -> tuple[Tensor, Tensor]:
+    """Concatenate `(x, y)` batches into one resource set of at most `max_examples`."""
+    xs, ys, count = [], [], 0
+    for batch in batches:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(
+                "resources are collected from (inputs, targets) batches; got a batch of type "
+                f"{type(batch).__name__}. Pass resources=(x, y) explicitly for other batch formats."
+            )
+        x, y = batch[0], batch[1]
+        xs.append(x)
+        ys.append(y)
+        count += len(x)
+        if max_examples is not None and count >= max_examples:
+            break
+    if not xs:
+        raise ValueError("the training dataloader yielded no batches to use as resources")
+    x, y = torch.cat(xs), torch.cat(ys)
+    return (x[:max_examples], y[:max_examples]) if max_examples is not None else (x, y)
+
+
+class EvolutionEngine:
+    """Drives a strategy on a model's flat parameters over resident resources."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: Strategy,
+        score_fn: str | ScoreFn = "correctness",
+        chunk_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.strategy = strategy
+        self.flat = FlatParams(model)
+        strategy.setup(self.flat.num_params)
+        self.score_fn = score_fn
+        self.chunk_size = chunk_size
+        self.evaluator: Evaluator | None = None
+        self._rate_mark: tuple[float, int] | None = None
+
+    def attach(self, inputs: Tensor, targets: Tensor) -> None:
+        """Move the resources to the model's device, once, for all later steps."""
+        self.evaluator = Evaluator(self.model, inputs, targets, self.score_fn, self.chunk_size, self.flat)
+
+    def _require_evaluator(self) -> Evaluator:
+        if self.evaluator is None:
+            raise RuntimeError("no resources attached: call attach(inputs, targets) first")
+        return self.evaluator
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Score and insert the initial members, unless the strategy is already initialised."""
+        evaluator = self._require_evaluator()
+        if not self.strategy.initialized:
+            candidates = self.strategy.ask()
+            self.strategy.tell(candidates, evaluator(candidates))
+        self.load_best()
+
+    @torch.no_grad()
+    def step(self, k: int | None = None) -> None:
+        """One ask -> score -> tell step; the model then holds the best member."""
+        evaluator = self._require_evaluator()
+        candidates = self.strategy.ask(k)
+        self.strategy.tell(candidates, evaluator(candidates))
+        self.load_best()
+
+    def load_best(self) -> None:
+        self.flat.load_into(self.model, self.strategy.best_params())
+
+    @property
+    def forward_passes(self) -> int:
+        return self.strategy.forward_passes
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, Tensor | float]:
+        """Population metrics for logging (reads the population: one host sync)."""
+        scores, fitness = self.strategy.population()
+        mean_scores = scores.mean(dim=1)
+        out: dict[str, Tensor | float] = {
+            "forward_passes": float(self.forward_passes),
+            "fitness/max": fitness.max(),
+            "fitness/mean": fitness.mean(),
+            "train/best_score": mean_scores.max(),
+            "train/mean_score": mean_scores.mean(),
+        }
+        out.update({f"niche/{k}": v for k, v in niche_occupancy(scores, fitness).items()})
+        rate = self.forward_passes_per_second()
+        if rate is not None:
+            out["forward_passes_per_second"] = rate
+        return out
+
+    def forward_passes_per_second(self) -> float | None:
+        """Rate since the previous call (None on the first call)."""
+        now, done = time.perf_counter(), self.forward_passes
+        mark, self._rate_mark = self._rate_mark, (now, done)
+        if mark is None or now <= mark[0] or done <= mark[1]:
+            return None
+        return (done - mark[1]) / (now - mark[0])
+
+    @torch.no_grad()
+    def class_accuracy(self, num_classes: int) -> Tensor:
+        """Member-by-class accuracy [P, C], members sorted by mean score (best first)."""
+        evaluator = self._require_evaluator()
+        scores, _ = self.strategy.population()
+        order = scores.mean(dim=1).argsort(descending=True)
+        return class_accuracy(scores[order], evaluator.targets, num_classes)
+
+    def save_class_heatmap(self, path: str | Path, num_classes: int):
+        """Write the member-by-class heatmap PNG; returns the figure."""
+        return save_heatmap(self.class_accuracy(num_classes), path)
+
+
+def log_evolution(module: L.LightningModule, engine: EvolutionEngine) -> None:
+    """Log the engine's metrics through `module.log_dict` on the steps Lightning writes logs.
+
+    Metrics are only computed on those steps (they read the population back to
+    the host); the progress bar shows forward passes, best score and rate.
+    """
+    if not module.trainer._logger_connector.should_update_logs:
+        return
+    metrics = engine.metrics()
+    progress = {"fp": metrics["forward_passes"], "best": metrics["train/best_score"]}
+    if "forward_passes_per_second" in metrics:
+        progress["fp/s"] = metrics["forward_passes_per_second"]
+    module.log_dict(metrics, on_step=True, on_epoch=False)
+    module.log_dict(progress, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+
+def save_and_log_heatmap(trainer: L.Trainer, engine: EvolutionEngine, num_classes: int) -> Path | None:
+    """On rank zero: write the member-by-class heatmap beside the logs, and log it where the logger takes figures."""
+    if engine.evaluator is None or not trainer.is_global_zero:
+        return None
+    path = Path(trainer.log_dir or trainer.default_root_dir) / "class_accuracy.png"
+    figure = engine.save_class_heatmap(path, num_classes)
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):
+            experiment.add_figure("niche/class_accuracy", figure, global_step=trainer.global_step)
+    return path
