@@ -2,12 +2,15 @@
 
 from m2n2_lightning.evaluator import Evaluator
 from m2n2_lightning.models import MLP
+from m2n2_lightning.module import EvolutionModule, EvolutionOptimizer
 from m2n2_lightning.params import FlatParams, NotVmappableError, population_forward
 from m2n2_lightning.strategies import CMAESStrategy, M2N2Strategy, Strategy
 
 __all__ = [
     "CMAESStrategy",
     "Evaluator",
+    "EvolutionModule",
+    "EvolutionOptimizer",
     "FlatParams",
     "M2N2Strategy",
     "MLP",

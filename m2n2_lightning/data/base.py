@@ -17,19 +17,24 @@ class TensorBatches(Dataset):
 
     Used with ``DataLoader(..., batch_size=None)``: a full-batch step costs
     nothing, where ``TensorDataset`` would index and stack every example.
+
+    With ``length`` the batches repeat in order until ``length`` were served:
+    an "epoch" of that many steps, for step-based loops such as evolution.
     """
 
-    def __init__(self, pair: TensorPair, batch_size: int | None) -> None:
+    def __init__(self, pair: TensorPair, batch_size: int | None, length: int | None = None) -> None:
         self.pair = pair
         self.batch_size = batch_size or len(pair[0])
+        self.num_batches = -(-len(pair[0]) // self.batch_size)
+        self.length = length or self.num_batches
 
     def __len__(self) -> int:
-        return -(-len(self.pair[0]) // self.batch_size)
+        return self.length
 
     def __getitem__(self, index: int) -> TensorPair:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        start = index * self.batch_size
+        start = (index % self.num_batches) * self.batch_size
         x, y = self.pair
         return x[start : start + self.batch_size], y[start : start + self.batch_size]
 
@@ -55,7 +60,10 @@ class TensorDataModule(L.LightningDataModule):
     and :attr:`test_tensors` (each ``(x, y)`` on the CPU; the caller moves them
     to its device once). Accessing them before :meth:`setup` runs it. The data
     loaders serve the same tensors in order, ``batch_size`` examples at a time
-    (``None``: the whole split as a single batch).
+    (``None``: the whole split as a single batch). ``steps_per_epoch`` makes
+    the training loader repeat its batches to that many per epoch: evolution
+    takes one step per batch, and one-batch epochs would spend more time in
+    Lightning's per-epoch bookkeeping (and progress bar) than in the step.
     """
 
     #: Number of classes of the labels.
@@ -63,11 +71,14 @@ class TensorDataModule(L.LightningDataModule):
     #: Number of input features of one example (the product of its shape).
     input_dim: int
 
-    def __init__(self, *, num_train: int, val_size: int = 0, batch_size: int | None = None) -> None:
+    def __init__(
+        self, *, num_train: int, val_size: int = 0, batch_size: int | None = None, steps_per_epoch: int | None = None
+    ) -> None:
         """``num_train``: size of the training part :meth:`load` returns, before the validation split."""
         super().__init__()
         _check_count("val_size", val_size, minimum=0)
         _check_count("batch_size", batch_size, minimum=1, allow_none=True)
+        _check_count("steps_per_epoch", steps_per_epoch, minimum=1, allow_none=True)
         if val_size >= num_train:
             raise ValueError(
                 f"val_size={val_size} is not allowed: it must be smaller than the {num_train} training examples"
@@ -75,6 +86,7 @@ class TensorDataModule(L.LightningDataModule):
         self.num_train = num_train
         self.val_size = val_size
         self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
         self._splits: dict[str, TensorPair] | None = None
 
     def load(self) -> tuple[TensorPair, TensorPair]:
@@ -118,12 +130,13 @@ class TensorDataModule(L.LightningDataModule):
         """``(x, y)`` of the test set."""
         return self._split("test")
 
-    def _loader(self, pair: TensorPair) -> DataLoader:
-        return DataLoader(TensorBatches(pair, self.batch_size), batch_size=None, shuffle=False)
+    def _loader(self, pair: TensorPair, length: int | None = None) -> DataLoader:
+        return DataLoader(TensorBatches(pair, self.batch_size, length), batch_size=None, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
-        """The training set in order, ``batch_size`` examples a batch (all when None)."""
-        return self._loader(self.train_tensors)
+        """The training set in order, ``batch_size`` examples a batch (all when None),
+        repeated to ``steps_per_epoch`` batches when that is set."""
+        return self._loader(self.train_tensors, self.steps_per_epoch)
 
     def val_dataloader(self) -> DataLoader:
         """The validation set in order."""

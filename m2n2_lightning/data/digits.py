@@ -30,15 +30,19 @@ class DigitsDataModule(TensorDataModule):
             set, as the paper has only a train and a test split.
         batch_size: examples per batch of the data loaders; None (default)
             gives each split as a single full batch.
+        steps_per_epoch: repeat the training batches to this many per epoch
+            (None: one pass). Evolution runs set it (see conf/data/).
     """
 
     num_classes = 10
     input_dim = 64
 
-    def __init__(self, *, normalize: bool = False, val_size: int = 0, batch_size: int | None = None) -> None:
+    def __init__(
+        self, *, normalize: bool = False, val_size: int = 0, batch_size: int | None = None, steps_per_epoch: int | None = None
+    ) -> None:
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize={normalize!r} is not allowed: expected True or False")
-        super().__init__(num_train=DIGITS_TRAIN, val_size=val_size, batch_size=batch_size)
+        super().__init__(num_train=DIGITS_TRAIN, val_size=val_size, batch_size=batch_size, steps_per_epoch=steps_per_epoch)
         self.normalize = normalize
 
     def load(self) -> tuple[TensorPair, TensorPair]:

@@ -56,6 +56,8 @@ class MNISTDataModule(TensorDataModule):
             With 0 (default) the validation set is the test set.
         batch_size: examples per batch of the data loaders; None (default)
             gives each split as a single full batch.
+        steps_per_epoch: repeat the training batches to this many per epoch
+            (None: one pass). Evolution runs set it (see conf/data/).
         mirrors: base URLs tried in order when downloading.
 
     Images are ``float32`` in [0, 1] (unless ``normalize``), labels ``int64``.
@@ -74,6 +76,7 @@ class MNISTDataModule(TensorDataModule):
         train_size: int | None = None,
         val_size: int = 0,
         batch_size: int | None = None,
+        steps_per_epoch: int | None = None,
         mirrors: Sequence[str] = MNIST_MIRRORS,
     ) -> None:
         for name, flag in (("download", download), ("normalize", normalize), ("flatten", flatten)):
@@ -85,7 +88,7 @@ class MNISTDataModule(TensorDataModule):
             raise ValueError(f"train_size={train_size!r} is not allowed: expected None or an int in 1..{MNIST_TRAIN}")
         if isinstance(mirrors, str) or not mirrors:
             raise ValueError(f"mirrors={mirrors!r} is not allowed: expected a non-empty sequence of base URLs")
-        super().__init__(num_train=train_size or MNIST_TRAIN, val_size=val_size, batch_size=batch_size)
+        super().__init__(num_train=train_size or MNIST_TRAIN, val_size=val_size, batch_size=batch_size, steps_per_epoch=steps_per_epoch)
         if data_dir is None:
             data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
         self.data_dir = Path(data_dir)

@@ -61,6 +61,11 @@ class Strategy(nn.Module):
         """The flat parameters [D] of the strategy's current best solution."""
         raise NotImplementedError
 
+    @property
+    def candidates_per_step(self) -> int:
+        """How many candidates `ask()` returns by default (sets steps per budget)."""
+        raise NotImplementedError
+
     def population(self) -> tuple[Tensor, Tensor]:
         """Scores [P, N] and fitness [P] of the current population, for metrics."""
         raise NotImplementedError

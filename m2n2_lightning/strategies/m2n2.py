@@ -111,6 +111,10 @@ class M2N2Strategy(Strategy):
         """Current niche fitness [P] and shares [P, N] of the archive."""
         return ops.niche_fitness(self.scores, self.alpha)
 
+    @property
+    def candidates_per_step(self) -> int:
+        return self.children_per_step
+
     def population(self) -> tuple[Tensor, Tensor]:
         """Scores and niche fitness of the occupied members (a host sync: for logging)."""
         fitness, _ = self.fitness()
