@@ -225,6 +225,19 @@ def test_best_params_is_the_best_candidate_told() -> None:
     assert strategy.forward_passes == 8
 
 
+def test_population_is_the_last_generation_told() -> None:
+    strategy = CMAESStrategy(popsize=4, num_params=3)
+    scores, fitness = strategy.population()
+    assert scores.numel() == 0 and fitness.numel() == 0
+    candidates = strategy.ask()
+    told = torch.rand(4, 5)
+    strategy.tell(candidates, told)
+    scores, fitness = strategy.population()
+    torch.testing.assert_close(scores, told.double())
+    torch.testing.assert_close(fitness, told.double().mean(dim=1))
+    assert strategy.candidates_per_step == 4
+
+
 def test_auto_choices_follow_pycma() -> None:
     assert CMAESStrategy(num_params=299).sigma_adaptation == "csa"
     large = CMAESStrategy(num_params=300, diagonal="auto")

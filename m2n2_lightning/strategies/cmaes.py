@@ -175,7 +175,7 @@ class CMAESStrategy(Strategy):
     the last `ask`, in its order (with TPA the first two are the mirrored pair).
     """
 
-    resizable_buffers = ("mean", "p_sigma", "p_c", "C", "B", "D", "mean_shift", "best_x")
+    resizable_buffers = ("mean", "p_sigma", "p_c", "C", "B", "D", "mean_shift", "best_x", "last_scores")
 
     def __init__(
         self,
@@ -231,6 +231,7 @@ class CMAESStrategy(Strategy):
         self.register_buffer("tpa_s", torch.zeros((), dtype=dtype))
         self.register_buffer("best_x", torch.zeros(0, dtype=candidate_dtype))
         self.register_buffer("best_score", torch.tensor(-math.inf, dtype=dtype))
+        self.register_buffer("last_scores", torch.zeros(0, 0, dtype=dtype))
         self.register_buffer("weights", torch.zeros(0, dtype=dtype), persistent=False)
         if num_params is not None or x0 is not None:
             self.setup(num_params if num_params is not None else self._x0.numel())
@@ -366,7 +367,8 @@ class CMAESStrategy(Strategy):
         self._start()
         p, dim = self.params, self.num_params
         x = candidates.to(self.mean)
-        mean_scores = scores.to(self.mean).mean(dim=1)
+        self.last_scores = scores.to(self.mean, copy=True)
+        mean_scores = self.last_scores.mean(dim=1)
         self._track_best(candidates, mean_scores)
         fitness = -mean_scores  # pycma minimises
         order = torch.argsort(fitness, stable=True)
@@ -428,6 +430,15 @@ class CMAESStrategy(Strategy):
         better = mean_scores[best] > self.best_score
         self.best_score.copy_(torch.where(better, mean_scores[best], self.best_score))
         self.best_x.copy_(torch.where(better, candidates[best].to(self.best_x), self.best_x))
+
+    @property
+    def candidates_per_step(self) -> int:
+        return self.popsize
+
+    def population(self) -> tuple[Tensor, Tensor]:
+        """Scores [popsize, N] of the last generation told and their means (the fitness
+        maximised); empty before the first tell."""
+        return self.last_scores, self.last_scores.mean(dim=1)
 
     def best_params(self) -> Tensor:
         """The told candidate with the highest mean score so far (the first on ties);
