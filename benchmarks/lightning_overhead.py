@@ -1,9 +1,11 @@
 """Wall time of the Lightning loop against a bare Python loop driving the same strategy.
 
 Both run M2N2 (paper settings, k = 1) on the embedded digits for the same number
-of forward passes from the same seed, and must end with the same archive. The
-Lightning run uses the logging a normal `train.py` run does (CSV logger,
-validation every `--val-every` steps); checkpoints are off in both.
+of forward passes from the same seed, and must end with the same archive. Both
+do the same side work: the Lightning run logs like a normal `train.py` run (CSV
+logger, metrics every `--log-every` steps, validation every `--val-every`); the
+bare loop computes the same metrics and validation at the same steps and writes
+them to a CSV. Checkpoints and progress bars are off in both.
 
     python benchmarks/lightning_overhead.py --forward-passes 5000 --repeats 3
 """
@@ -11,6 +13,7 @@ validation every `--val-every` steps); checkpoints are off in both.
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import tempfile
 import time
@@ -25,14 +28,26 @@ from m2n2_lightning.engine import EvolutionEngine
 from m2n2_lightning.module import EvolutionModule
 
 
-def bare_loop(forward_passes: int, seed: int) -> tuple[float, torch.Tensor]:
+def bare_loop(forward_passes: int, seed: int, val_every: int, log_every: int, folder: str) -> tuple[float, torch.Tensor]:
+    """The same work by hand: steps, the same metrics every `log_every` steps, validation, a CSV."""
     data = DigitsDataModule()
     start = time.perf_counter()
     engine = EvolutionEngine(MLP(), M2N2Strategy(seed=seed))
     engine.attach(*data.train_tensors)
     engine.initialize()
-    for _ in range(forward_passes):
+    val_x, val_y = data.val_tensors
+    rows = []
+    for step in range(1, forward_passes + 1):
         engine.step()
+        if step % log_every == 0:
+            rows.append({"step": step, **{k: float(v) for k, v in engine.metrics().items()}})
+        if step % val_every == 0:
+            accuracy = (engine.model(val_x).argmax(-1) == val_y).float().mean()
+            rows.append({"step": step, "val/acc": float(accuracy)})
+    with open(f"{folder}/bare.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
+        writer.writeheader()
+        writer.writerows(rows)
     return time.perf_counter() - start, engine.strategy.archive.clone()
 
 
@@ -50,7 +65,7 @@ def lightning_loop(forward_passes: int, seed: int, val_every: int, log_every: in
             log_every_n_steps=log_every,
         )
         start = time.perf_counter()
-        trainer.fit(module, datamodule=DigitsDataModule())
+        trainer.fit(module, datamodule=DigitsDataModule(steps_per_epoch=1000))
         return time.perf_counter() - start, module.strategy.archive.clone()
 
 
@@ -68,7 +83,8 @@ def main() -> None:
 
     bare, lit = [], []
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        seconds, bare_archive = bare_loop(args.forward_passes, args.seed)
+        with tempfile.TemporaryDirectory() as folder:
+            seconds, bare_archive = bare_loop(args.forward_passes, args.seed, args.val_every, args.log_every, folder)
         bare.append(seconds)
         seconds, lit_archive = lightning_loop(args.forward_passes, args.seed, args.val_every, args.log_every)
         lit.append(seconds)

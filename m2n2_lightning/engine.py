@@ -45,6 +45,10 @@ def collect_resources(batches: Iterable[Any], max_examples: int | None = None) -
     return (x[:max_examples], y[:max_examples]) if max_examples is not None else (x, y)
 
 
+#: Metrics shown in the progress bar as well as logged.
+PROGRESS_BAR_KEYS = ("forward_passes", "train/best_score", "forward_passes_per_second")
+
+
 class EvolutionEngine:
     """Drives a strategy on a model's flat parameters over resident resources."""
 
@@ -107,7 +111,6 @@ class EvolutionEngine:
             "fitness/max": fitness.max(),
             "fitness/mean": fitness.mean(),
             "train/best_score": mean_scores.max(),
-            "train/mean_score": mean_scores.mean(),
         }
         out.update({f"niche/{k}": v for k, v in niche_occupancy(scores, fitness).items()})
         rate = self.forward_passes_per_second()
@@ -141,15 +144,14 @@ def log_evolution(module: L.LightningModule, engine: EvolutionEngine) -> None:
 
     Metrics are only computed on those steps (they read the population back to
     the host); the progress bar shows forward passes, best score and rate.
+    Every logged key costs Lightning a little on every step, so there are few.
     """
     if not module.trainer._logger_connector.should_update_logs:
         return
     metrics = engine.metrics()
-    progress = {"fp": metrics["forward_passes"], "best": metrics["train/best_score"]}
-    if "forward_passes_per_second" in metrics:
-        progress["fp/s"] = metrics["forward_passes_per_second"]
+    shown = {key: metrics.pop(key) for key in PROGRESS_BAR_KEYS if key in metrics}
+    module.log_dict(shown, prog_bar=True, on_step=True, on_epoch=False)
     module.log_dict(metrics, on_step=True, on_epoch=False)
-    module.log_dict(progress, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
 
 def save_and_log_heatmap(trainer: L.Trainer, engine: EvolutionEngine, num_classes: int) -> Path | None:
