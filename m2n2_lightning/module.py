@@ -52,6 +52,7 @@ class EvolutionOptimizer(torch.optim.Optimizer):
 def check_precision(trainer: L.Trainer) -> None:
     """Refuse precision plugins that scale gradients: there are none here."""
     plugin = trainer.precision_plugin
+    # Lightning gives precision="16-mixed" a GradScaler on GPUs (on the CPU it falls back to bf16-mixed).
     if isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
         raise ValueError(
             f"precision={trainer.precision!r} uses a gradient scaler, but M2N2 computes no gradients "
@@ -137,6 +138,13 @@ class EvolutionModule(L.LightningModule):
                 inputs, targets = inputs[: self.max_resources], targets[: self.max_resources]
             return inputs, targets
         return collect_resources(self.trainer.fit_loop._data_source.dataloader(), self.max_resources)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # A training batch only paces the steps: the resources are already resident,
+        # and copying the batch to the device every step would cost more than a step.
+        if self.trainer is not None and self.trainer.training:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ----------------------------------------------------------------- steps
     def forward(self, x: Tensor) -> Tensor:
