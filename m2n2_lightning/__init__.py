@@ -1,5 +1,6 @@
 """m2n2-lightning: gradient-free training and merging with M2N2 in PyTorch Lightning."""
 
+from m2n2_lightning.callback import M2N2Callback
 from m2n2_lightning.evaluator import Evaluator
 from m2n2_lightning.models import MLP
 from m2n2_lightning.module import EvolutionModule, EvolutionOptimizer
@@ -12,6 +13,7 @@ __all__ = [
     "EvolutionModule",
     "EvolutionOptimizer",
     "FlatParams",
+    "M2N2Callback",
     "M2N2Strategy",
     "MLP",
     "NotVmappableError",
