@@ -56,6 +56,7 @@ def save_heatmap(matrix: Tensor, path: str | Path, title: str = "member x class 
     ax.set_xlabel("class")
     ax.set_ylabel("member (best first)")
     ax.set_xticks(range(values.shape[1]))
+    ax.set_yticks(range(0, values.shape[0], max(1, values.shape[0] // 20)))
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
