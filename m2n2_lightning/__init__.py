@@ -5,7 +5,7 @@ from m2n2_lightning.evaluator import Evaluator
 from m2n2_lightning.models import MLP
 from m2n2_lightning.module import EvolutionModule, EvolutionOptimizer
 from m2n2_lightning.params import FlatParams, NotVmappableError, population_forward
-from m2n2_lightning.strategies import CMAESStrategy, M2N2Strategy, Strategy
+from m2n2_lightning.strategies import CMAESStrategy, M2N2Strategy, MAPElitesStrategy, Strategy
 
 __all__ = [
     "CMAESStrategy",
@@ -15,6 +15,7 @@ __all__ = [
     "FlatParams",
     "M2N2Callback",
     "M2N2Strategy",
+    "MAPElitesStrategy",
     "MLP",
     "NotVmappableError",
     "Strategy",
