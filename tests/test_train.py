@@ -1,0 +1,125 @@
+"""train.py and the Hydra configs: a real run, config errors, sweeps, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+
+from m2n2_lightning import MLP
+from m2n2_lightning.config import register_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false",
+         *overrides],
+        capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env,
+    )
+
+
+def compose_config(*overrides: str):
+    register_schema()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_train_writes_every_output(tmp_path) -> None:
+    result = run_train(tmp_path, "forward_passes=300", "seed=1", "checkpoint.every_n_train_steps=100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("strategy", "seed", "forward_passes", "best_train_acc", "test_acc", "wall_seconds",
+                "forward_passes_per_second"):
+        assert key in summary, key
+    assert summary["strategy"] == "m2n2" and summary["seed"] == 1 and summary["forward_passes"] == 300
+    assert 0 < summary["test_acc"] <= 1 and summary["forward_passes_per_second"] > 0
+    assert (tmp_path / "logs" / "metrics.csv").exists()
+    assert (tmp_path / "logs" / "class_accuracy.png").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    model = MLP()
+    model.load_state_dict(torch.load(tmp_path / "best_model.pt", weights_only=True))
+    assert "test accuracy" in result.stdout.splitlines()[-2]
+
+
+def test_config_groups_compose_and_instantiate() -> None:
+    for strategy in ("m2n2", "ga", "ga_no_crossover", "m2n2_no_crossover", "m2n2_no_split_point", "m2n2_no_matchmaker"):
+        cfg = compose_config(f"strategy={strategy}", "seed=4")
+        built = instantiate(cfg.strategy)
+        assert built.seed == 4
+    ga = instantiate(compose_config("strategy=ga").strategy)
+    assert ga.alpha == 0.0 and not ga.use_matchmaker
+    mnist = compose_config("experiment=mnist_mlp")
+    assert mnist.model.in_features == 784 and mnist.data._target_.endswith("MNISTDataModule")
+
+
+def test_unknown_keys_and_wrong_types_fail_in_hydra() -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_config("no_such_key=1")
+    with pytest.raises(ConfigCompositionException):
+        compose_config("seed=abc")
+    with pytest.raises(ConfigCompositionException):
+        compose_config("strategy=no_such_strategy")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("strategy.pop_size=1", "pop_size must be an integer >= 2, got 1"),
+     ("strategy.alpha=-1", "alpha must be a finite number >= 0"),
+     ("forward_passes=0", "forward_passes must be >= 1")],
+)
+def test_out_of_range_values_fail_before_any_work(tmp_path, override, message) -> None:
+    result = run_train(tmp_path, override)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_combination(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path}", "forward_passes=50",
+         "seed=0,1", "trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in tmp_path.glob("*/summary.json"))
+    assert seeds == [0, 1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "forward_passes=1000000",
+         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )
+    metrics = run_dir / "logs" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() or (run_dir / "logs" / "hparams.yaml").exists()):
+        time.sleep(0.5)
+    time.sleep(3)  # some steps in
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    checkpoint = run_dir / "checkpoints" / "interrupted.ckpt"
+    assert checkpoint.exists(), output[-3000:]
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    steps = state["global_step"]
+    assert steps > 0
+    resumed = run_train(tmp_path / "resumed", f"ckpt_path={checkpoint}", f"forward_passes={steps + 20}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["forward_passes"] == steps + 20
