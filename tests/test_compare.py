@@ -1,0 +1,84 @@
+"""benchmarks/compare.py on a tiny budget: the three outputs, their columns and rows."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["compare"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == ("method", "seed", "forward_passes", "best_train_acc", "test_acc", "wall_seconds")
+        return list(reader)
+
+
+def table_rows(path: Path) -> list[list[str]]:
+    lines = path.read_text().strip().splitlines()
+    assert lines[0].startswith("| method | seeds | forward passes | test accuracy |")
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_scratch_outputs(compare, tmp_path: Path) -> None:
+    out = compare.main(["--methods", "m2n2,ga", "--seeds", "1", "--forward-passes", "200", "--out", str(tmp_path)])
+    rows = read_rows(out / "results.csv")
+    for method in ("m2n2", "ga"):
+        mine = [r for r in rows if r["method"] == method]
+        passes = [int(r["forward_passes"]) for r in mine]
+        assert passes[0] == 0 and passes[-1] == 200 and passes == sorted(set(passes))
+        assert all(r["seed"] == "0" and 0 <= float(r["test_acc"]) <= 1 for r in mine)
+        # The best member only changes when it is recorded; its training accuracy never drops.
+        train = [float(r["best_train_acc"]) for r in mine]
+        assert train == sorted(train)
+    table = table_rows(out / "table.md")
+    assert [row[0] for row in table] == ["M2N2", "GA"]
+    assert table[0][1:3] == ["1", "200"] and table[0][-1] == "≈ 87.0%"
+    assert (out / "figure.png").stat().st_size > 10_000
+
+    redrawn = compare.main(["--from-csv", str(out / "results.csv"), "--methods", "ga", "--out", str(tmp_path / "again")])
+    assert [row[0] for row in table_rows(redrawn / "table.md")] == ["GA", "M2N2"]
+
+
+def test_merge_outputs_with_brute_force_and_fixed_evaluation_points(compare, tmp_path: Path) -> None:
+    out = compare.main([
+        "--setting", "merge", "--methods", "m2n2_no_split_point,slerp_brute_force", "--seeds", "1",
+        "--forward-passes", "200", "--eval-every", "50", "--out", str(tmp_path),
+    ])  # fmt: skip
+    rows = read_rows(out / "results.csv")
+    assert [int(r["forward_passes"]) for r in rows if r["method"] == "m2n2_no_split_point"] == [0, 50, 100, 150, 200]
+    brute_force = [r for r in rows if r["method"] == "slerp_brute_force"]
+    assert [int(r["forward_passes"]) for r in brute_force] == [0, 100, 200]
+    # Row 0 is w = 0, the first specialist, which is among the weights searched.
+    assert float(brute_force[-1]["best_train_acc"]) >= float(brute_force[0]["best_train_acc"])
+    assert [row[0] for row in table_rows(out / "table.md")] == ["M2N2 w/o split point", "SLERP brute force"]
+
+
+def test_bad_arguments_exit(compare, tmp_path: Path) -> None:
+    for argv in (["--methods", "sgd"], ["--setting", "merge", "--methods", "cmaes"], ["--methods", "slerp_brute_force"]):
+        with pytest.raises(SystemExit):
+            compare.main([*argv, "--out", str(tmp_path)])
+    assert compare.parse_seeds("3") == [0, 1, 2] and compare.parse_seeds("4,7") == [4, 7]
