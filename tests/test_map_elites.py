@@ -171,6 +171,7 @@ def test_missing_or_mismatched_labels_fail_before_any_state_changes() -> None:
         ({"descriptor_classes": []}, "descriptor_classes"),
         ({"descriptor_classes": [[1], []]}, "descriptor_classes"),
         ({"init_models": [torch.zeros(D)]}, "two or more"),
+        ({"validate_scores": "deferred"}, "validate_scores must be True or False"),
     ],
 )
 def test_bad_settings_raise(kwargs, match) -> None:

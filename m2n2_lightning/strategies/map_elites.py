@@ -110,8 +110,9 @@ class MAPElitesStrategy(M2N2Strategy):
         descriptor_classes: the label classes of each of the G descriptors.
         mutation_sigma: std of the Gaussian mutation; None = the paper's choice,
             0.01 from scratch and 0 when `init_models` are merged.
-        init_sigma, children_per_step, init_models, seed, num_params,
-            validate_scores: as for `M2N2Strategy`.
+        init_sigma, children_per_step, init_models, seed, num_params: as for
+            `M2N2Strategy`.
+        validate_scores: check told scores for NaN and range (one host sync).
     """
 
     resizable_buffers = M2N2Strategy.resizable_buffers + ("membership",)
@@ -130,6 +131,8 @@ class MAPElitesStrategy(M2N2Strategy):
         validate_scores: bool = True,
     ) -> None:
         bins = self.check_positive_int("bins", bins, 2)
+        if not isinstance(validate_scores, bool):
+            raise ValueError(f"validate_scores must be True or False, got {validate_scores!r}")
         classes = tuple(tuple(int(c) for c in group) for group in descriptor_classes)
         if not classes or not all(classes):
             raise ValueError(f"descriptor_classes must be one or more non-empty label groups, got {descriptor_classes!r}")
