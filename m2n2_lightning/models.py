@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from m2n2_lightning.params import fused_linear, fused_linear_applies
+
 
 class MLP(nn.Module):
     """in -> hidden (ReLU) -> out, parameters laid out as the reference does.
@@ -27,8 +29,25 @@ class MLP(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        if fused_linear_applies(x, self.w1):
+            return fused_linear(fused_linear(x.flatten(1), self.w1, self.b1, relu=True), self.w2, self.b2)
         hidden = torch.relu(x.flatten(1) @ self.w1 + self.b1)
         return hidden @ self.w2 + self.b2
+
+    def forward_population(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Outputs [k, N, out] of k parameter sets (by name, stacked [k, *shape]) on shared x.
+
+        On the CPU one candidate at a time through oneDNN (its hidden layer stays
+        in cache; faster here than one GEMM over the k stacked first layers, see
+        benchmarks/RESULTS.md); elsewhere two batched matmuls.
+        """
+        x = x.flatten(1)
+        w1, b1, w2, b2 = params["w1"], params["b1"], params["w2"], params["b2"]
+        if fused_linear_applies(x, w1):
+            outs = [fused_linear(fused_linear(x, w1[i], b1[i], relu=True), w2[i], b2[i]) for i in range(len(w1))]
+            return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+        hidden = torch.baddbmm(b1.unsqueeze(1), x.expand(len(w1), -1, -1), w1).relu_()
+        return torch.baddbmm(b2.unsqueeze(1), hidden, w2)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.hidden} -> {self.out_features}"

@@ -18,6 +18,15 @@ import torch
 from torch import Tensor, nn
 
 
+def describe_bad_scores(scores: Tensor) -> str:
+    """The error message for scores [k, N] that hold NaN or values outside [0, 1]."""
+    nan = torch.isnan(scores)
+    if nan.any():
+        rows = nan.any(dim=1).nonzero().flatten().tolist()
+        return f"scores contain NaN (candidates {rows}); check the model and the score function"
+    return f"scores must lie in [0, 1], got values in [{scores.min().item()}, {scores.max().item()}]"
+
+
 class Strategy(nn.Module):
     """Base class: seeded generator, counters, checked tell(), state round-trip.
 
@@ -151,12 +160,10 @@ class Strategy(nn.Module):
         if scores.shape[1] == 0:
             raise ValueError("scores must cover at least one example (N >= 1)")
         if self.validate_scores:
-            if torch.isnan(scores).any():
-                rows = torch.isnan(scores).any(dim=1).nonzero().flatten().tolist()
-                raise ValueError(f"scores contain NaN (candidates {rows}); check the model and the score function")
-            low, high = scores.min().item(), scores.max().item()
-            if low < 0 or high > 1:
-                raise ValueError(f"scores must lie in [0, 1], got values in [{low}, {high}]")
+            # One fused reduction and one read back; min and max are NaN when any score is.
+            low, high = torch.stack(torch.aminmax(scores)).tolist()
+            if not (0 <= low and high <= 1):
+                raise ValueError(describe_bad_scores(scores))
 
     # -------------------------------------------------------------------- state
     def get_extra_state(self) -> dict[str, Any]:

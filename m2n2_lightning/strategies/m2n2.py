@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from m2n2_lightning.params import flat_vector
 from m2n2_lightning.strategies import operators as ops
-from m2n2_lightning.strategies.base import Strategy
+from m2n2_lightning.strategies.base import Strategy, describe_bad_scores
 
 #: The paper's mutation and initialisation scale when evolving from scratch.
 PAPER_SIGMA = 0.01
@@ -39,7 +39,11 @@ class M2N2Strategy(Strategy):
         init_models: modules or flat [D] tensors to start from (two or more).
         seed: seed of the strategy's generator.
         num_params: D; may instead be given later through `setup(D)`.
-        validate_scores: check told scores for NaN and range (one host sync).
+        validate_scores: True: check told scores for NaN and range before any
+            state changes (one fused reduction and one host sync per tell).
+            "deferred": no sync: a candidate with bad scores is not inserted,
+            and the ValueError is raised at the next `population()` (the
+            logging step) or `check_scores()`. False: no check.
 
     Before the archive is initialised, `ask()` returns the initial members
     (two random ones, or the given models) whatever k is; they are told like
@@ -61,9 +65,14 @@ class M2N2Strategy(Strategy):
         init_models: Sequence[nn.Module | Tensor] | None = None,
         seed: int = 0,
         num_params: int | None = None,
-        validate_scores: bool = True,
+        validate_scores: bool | str = True,
     ) -> None:
-        super().__init__(seed=seed, validate_scores=validate_scores)
+        if validate_scores not in (True, False, "deferred"):
+            raise ValueError(f"validate_scores must be True, False or 'deferred', got {validate_scores!r}")
+        super().__init__(seed=seed, validate_scores=validate_scores is True)
+        self.deferred_validation = validate_scores == "deferred"
+        #: Deferred validation: count (a device tensor) of candidates with bad scores not yet reported.
+        self._rejected: Tensor | None = None
         self.pop_size = self.check_positive_int("pop_size", pop_size, 2)
         self.alpha = self.check_non_negative("alpha", alpha)
         self.children_per_step = self.check_positive_int("children_per_step (k)", children_per_step, 1)
@@ -117,6 +126,7 @@ class M2N2Strategy(Strategy):
 
     def population(self) -> tuple[Tensor, Tensor]:
         """Scores and niche fitness of the occupied members (a host sync: for logging)."""
+        self.check_scores()
         fitness, _ = self.fitness()
         return self.scores[self.occupied], fitness[self.occupied]
 
@@ -127,15 +137,14 @@ class M2N2Strategy(Strategy):
             return self._initial_members(dim)
         k = self.children_per_step if k is None else self.check_positive_int("k", k, 1)
         fitness, shares = self.fitness()
-        first, second = ops.sample_parents(
-            fitness, shares, self.occupied, k, self.generator, self.use_matchmaker
-        )
-        parents_a = self.archive[first]
+        generator = self.generator
+        first, second = ops.sample_parents(fitness, shares, self.occupied, k, generator, self.use_matchmaker)
+        parents_a = self.archive.index_select(0, first)
         if self.use_crossover:
-            children = ops.crossover(parents_a, self.archive[second], self.generator, self.use_split_point)
+            children = ops.crossover(parents_a, self.archive.index_select(0, second), generator, self.use_split_point)
         else:
             children = parents_a
-        return ops.mutate(children, self.mutation_sigma, self.generator)
+        return ops.mutate(children, self.mutation_sigma, generator)
 
     def _initial_members(self, dim: int) -> Tensor:
         if self._init_models is not None:
@@ -150,8 +159,15 @@ class M2N2Strategy(Strategy):
             self.scores = torch.zeros(self.pop_size, self.num_resources, device=self.device)
         candidates = candidates.to(self.archive)
         scores = scores.to(self.scores)
-        for child, child_scores in zip(candidates, scores):
-            ops.replace_worst(self.archive, self.scores, self.occupied, child, child_scores, self.alpha)
+        valid = [None] * len(scores)
+        if self.deferred_validation:
+            low, high = scores.aminmax(dim=1)
+            ok = (low >= 0) & (high <= 1)  # False for NaN rows too
+            rejected = (~ok).sum()
+            self._rejected = rejected if self._rejected is None else self._rejected + rejected
+            valid = ok.unbind()
+        for child, child_scores, child_valid in zip(candidates, scores, valid):
+            ops.replace_worst(self.archive, self.scores, self.occupied, child, child_scores, self.alpha, valid=child_valid)
         if self._initialized:
             self.forward_passes += len(candidates)
         self._initialized = True
@@ -163,7 +179,18 @@ class M2N2Strategy(Strategy):
         return self.scores.mean(dim=1).argmax().reshape(1)
 
     def best_params(self) -> Tensor:
-        return self.archive[self.best_index()][0]
+        return self.archive.index_select(0, self.best_index())[0]
+
+    def check_scores(self) -> None:
+        """With deferred validation: raise the ValueError for bad scores told since the last check (one host sync)."""
+        if self._rejected is None:
+            return
+        count, self._rejected = int(self._rejected), None
+        if count:
+            raise ValueError(
+                f"{count} candidates were told scores that are NaN or outside [0, 1] and were not inserted; "
+                "check the model and the score function (validate_scores=True raises at the tell itself)"
+            )
 
     def extra_state(self) -> dict[str, Any]:
         return {"initialized": self._initialized}

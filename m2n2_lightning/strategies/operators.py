@@ -2,7 +2,9 @@
 
 Every function works on tensors already on the device and never reads a value
 back to the host, so a step of the algorithm costs no synchronisation. Random
-numbers come from an explicit `torch.Generator`.
+numbers come from an explicit `torch.Generator`. At the paper's sizes a step is
+a few dozen small kernels, so on the CPU their count sets the speed: each
+function uses as few as the formula allows (measured in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def niche_fitness(scores: Tensor, alpha: float, capacity: Tensor | None = None) 
     the plain number of examples solved.
     """
     taken = scores.sum(dim=0)
-    z = torch.where(taken > 0, taken.pow(alpha), torch.ones_like(taken))
+    z = torch.where(taken > 0, taken if alpha == 1 else taken.pow(alpha), 1.0)
     shares = scores / z
     if capacity is not None:
         shares = shares * capacity
@@ -31,7 +33,7 @@ def niche_fitness(scores: Tensor, alpha: float, capacity: Tensor | None = None) 
 
 def attraction(shares: Tensor, first: Tensor) -> Tensor:
     """g_k = sum_j max(0, F_kj - F_aj) for each first parent a in `first` [m]: returns [m, P]."""
-    return (shares.unsqueeze(0) - shares[first].unsqueeze(1)).clamp_min(0).sum(dim=-1)
+    return (shares.unsqueeze(0) - shares.index_select(0, first).unsqueeze(1)).clamp_min_(0).sum(dim=-1)
 
 
 def sample_categorical(weights: Tensor, uniforms: Tensor) -> Tensor:
@@ -42,18 +44,17 @@ def sample_categorical(weights: Tensor, uniforms: Tensor) -> Tensor:
     """
     weights = weights.expand(uniforms.shape[0], -1) if weights.dim() == 1 else weights
     cdf = weights.cumsum(dim=-1)
-    targets = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    total = cdf[:, -1:]
+    # u < 1, but u * total can round up to total: keep the target strictly below it,
+    # so the first CDF entry above the target is always one of positive weight.
+    targets = torch.minimum(uniforms.to(cdf.dtype).unsqueeze(-1) * total, torch.nextafter(total, cdf.new_zeros(())))
     index = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
-    # Rounding can put the target at the very top of the CDF: take the last positive entry.
-    positive = weights > 0
-    last_positive = weights.shape[-1] - 1 - positive.flip(-1).to(torch.int8).argmax(dim=-1)
-    return torch.minimum(index, last_positive)
+    return index.clamp_max_(weights.shape[-1] - 1)
 
 
 def _with_fallback(weights: Tensor, fallback: Tensor) -> Tensor:
     """`weights` per row, or `fallback` where a row of `weights` sums to zero."""
-    empty = weights.sum(dim=-1, keepdim=True) <= 0
-    return torch.where(empty, fallback.to(weights.dtype).expand_as(weights), weights)
+    return torch.where(weights.sum(dim=-1, keepdim=True) <= 0, fallback.to(weights.dtype), weights)
 
 
 def sample_parents(
@@ -82,18 +83,28 @@ def sample_parents(
     return first, second
 
 
+def slerp_coefficients(a: Tensor, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights (c_a, c_b) of the SLERP child c_a a + c_b b for rows of a, b [k, D] and ratios t [k, m].
+
+    One angle per pair, cos(Omega) = <a/|a|, b/|b|> clipped to [-1, 1]:
+    c_a = sin((1 - t) Omega) / sin(Omega), c_b = sin(t Omega) / sin(Omega); where
+    sin(Omega) <= 1e-6 (or undefined) the mix is linear: c_a = 1 - t, c_b = t.
+    """
+    cos = torch.linalg.vecdot(a, b) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))
+    omega = cos.clamp_(-1.0, 1.0).arccos_().unsqueeze(-1)
+    sin = omega.sin()
+    linear = torch.cat([1 - t, t], dim=-1)  # c_a then c_b, in one tensor: half the small kernels
+    coefficients = torch.where(sin > SLERP_EPS, (linear * omega).sin_().div_(sin), linear)
+    return coefficients.tensor_split(2, dim=-1)
+
+
 def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     """Spherical interpolation of rows of a and b [k, D] with ratios t ([k, D] or [k, 1]).
 
-    One angle per pair, cos(Omega) = <a/|a|, b/|b|> clipped to [-1, 1]; where
-    sin(Omega) <= 1e-6 (or undefined) the mix is linear: (1 - t) a + t b.
+    See `slerp_coefficients`; where sin(Omega) <= 1e-6 the mix is linear: (1 - t) a + t b.
     """
-    cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True))
-    omega = torch.arccos(cos.clamp(-1.0, 1.0))
-    sin = torch.sin(omega)
-    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / sin
-    linear = (1 - t) * a + t * b
-    return torch.where(sin > SLERP_EPS, spherical, linear)
+    coef_a, coef_b = slerp_coefficients(a, b, t)
+    return torch.addcmul(coef_a * a, coef_b, b)
 
 
 def split_point_ratios(weight: Tensor, split: Tensor | None, dim: int) -> Tensor:
@@ -114,20 +125,28 @@ def crossover(
     """Split-point SLERP children of parent rows a and b [k, D].
 
     Draws the split point k ~ U{0..D-1} (when used) and then w ~ U(0, 1) per child.
+    The ratio takes two values only (w before the split, 1 - w from it on), so the
+    sines are evaluated once per child and each entry just picks its pair of weights.
     """
     k, dim = a.shape
     split = None
     if use_split_point:
         split = torch.randint(0, dim, (k,), generator=generator, device=a.device)
-    weight = torch.rand(k, generator=generator, device=a.device, dtype=a.dtype)
-    return slerp(a, b, split_point_ratios(weight, split, dim))
+    weight = torch.rand(k, generator=generator, device=a.device, dtype=a.dtype).unsqueeze(-1)
+    if split is None:
+        return slerp(a, b, weight)
+    coef_a, coef_b = slerp_coefficients(a, b, torch.cat([weight, 1 - weight], dim=-1))
+    before = torch.arange(dim, device=a.device) < split.unsqueeze(-1)
+    child = torch.where(before, coef_a[:, :1], coef_a[:, 1:]).mul_(a)
+    return child.addcmul_(torch.where(before, coef_b[:, :1], coef_b[:, 1:]), b)
 
 
 def mutate(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
     """x + N(0, sigma^2) noise (a no-op for sigma = 0)."""
     if sigma == 0:
         return x
-    return x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    # normal_(0, sigma) draws the same numbers as sigma * randn, in one kernel.
+    return torch.empty_like(x).normal_(0.0, sigma, generator=generator).add_(x)
 
 
 def worst_after_insert(scores: Tensor, new_scores: Tensor, alpha: float, capacity: Tensor | None = None) -> Tensor:
@@ -149,17 +168,21 @@ def replace_worst(
     child_scores: Tensor,
     alpha: float,
     capacity: Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Insert a child by the replace-the-worst rule, in place, without a host sync.
 
-    If the dropped row is the child the archive is left as it was. Returns the
-    dropped index (0-dim tensor; archive size P means the child was rejected).
+    If the dropped row is the child, or `valid` (a 0-dim bool) is False, the
+    archive is left as it was. Returns the dropped index (0-dim tensor;
+    archive size P means the child was rejected by the rule).
     """
     worst = worst_after_insert(scores, child_scores, alpha, capacity)
     accept = worst < archive.shape[0]
+    if valid is not None:
+        accept = accept & valid
     slot = worst.clamp(max=archive.shape[0] - 1).reshape(1)
     # 1-dim index tensors throughout: a 0-dim one would be read back to the host.
-    archive.index_copy_(0, slot, torch.where(accept, child.unsqueeze(0), archive[slot]))
-    scores.index_copy_(0, slot, torch.where(accept, child_scores.unsqueeze(0), scores[slot]))
-    occupied.index_copy_(0, slot, occupied[slot] | accept)
+    archive.index_copy_(0, slot, torch.where(accept, child.unsqueeze(0), archive.index_select(0, slot)))
+    scores.index_copy_(0, slot, torch.where(accept, child_scores.unsqueeze(0), scores.index_select(0, slot)))
+    occupied.index_copy_(0, slot, occupied.index_select(0, slot) | accept)
     return worst

@@ -1,0 +1,232 @@
+"""Every fast path against the plain computation it replaces (float64 where the path allows it)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from m2n2_lightning import MLP, Evaluator, FlatParams, M2N2Strategy, population_forward
+from m2n2_lightning.params import fused_linear, fused_linear_applies
+from m2n2_lightning.strategies import operators as ops
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+
+
+# ------------------------------------------------------------------ the plain M2N2 step, written out
+def plain_categorical(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF with the guard of the first implementation (the last positive entry on round-up)."""
+    weights = weights.expand(u.shape[0], -1) if weights.dim() == 1 else weights
+    cdf = weights.cumsum(-1)
+    index = torch.searchsorted(cdf, u.to(cdf.dtype)[:, None] * cdf[:, -1:], right=True)[:, 0]
+    last_positive = weights.shape[-1] - 1 - (weights > 0).flip(-1).to(torch.int8).argmax(-1)
+    return torch.minimum(index, last_positive)
+
+
+def plain_ask(archive: torch.Tensor, scores: torch.Tensor, occupied: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """M2N2.md's ask, formula by formula, drawing the same numbers in the same order."""
+    taken = scores.sum(0)
+    shares = scores / torch.where(taken > 0, taken, torch.ones_like(taken))
+    fitness = shares.sum(1)
+    u = torch.rand(k, 2, generator=g)
+    by_fitness = fitness if fitness.sum() > 0 else occupied.to(fitness.dtype)
+    first = plain_categorical(by_fitness, u[:, 0])
+    gain = (shares[None] - shares[first][:, None]).clamp_min(0).sum(-1)
+    gain = torch.where(gain.sum(-1, keepdim=True) <= 0, by_fitness.expand_as(gain), gain)
+    second = plain_categorical(gain, u[:, 1])
+    a, b = archive[first], archive[second]
+    dim = a.shape[1]
+    split = torch.randint(0, dim, (k,), generator=g)
+    w = torch.rand(k, generator=g, dtype=a.dtype)
+    t = torch.where(torch.arange(dim) < split[:, None], w[:, None], 1 - w[:, None])
+    cos = (a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True))
+    omega = torch.arccos(cos.clamp(-1, 1))
+    sin = torch.sin(omega)
+    child = torch.where(
+        sin > ops.SLERP_EPS, (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / sin, (1 - t) * a + t * b
+    )
+    return child + 0.01 * torch.randn(child.shape, generator=g, dtype=child.dtype)
+
+
+def test_strategy_steps_equal_the_plain_formulas_float64() -> None:
+    """Same parents, split points, ratios and noise as the formulas: the random stream is unchanged."""
+    D, N, P = 40, 30, 6
+    strategy = M2N2Strategy(pop_size=P, num_params=D, seed=7).double()
+    g = torch.Generator().manual_seed(7)
+    init = strategy.ask()
+    assert torch.equal(init, 0.01 * torch.randn(2, D, generator=g, dtype=torch.float64))
+    truth = torch.Generator().manual_seed(99)
+    strategy.tell(init, (torch.rand(2, N, generator=truth) < 0.3).double())
+    for step in range(150):
+        k = 1 + step % 3
+        archive, scores, occupied = strategy.archive.clone(), strategy.scores.clone(), strategy.occupied.clone()
+        children = strategy.ask(k)
+        torch.testing.assert_close(children, plain_ask(archive, scores, occupied, k, g), rtol=1e-12, atol=1e-15)
+        strategy.tell(children, (torch.rand(k, N, generator=truth) < 0.3).double())
+
+
+def test_sample_categorical_matches_the_plain_guard() -> None:
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(500, 8, generator=g) * (torch.rand(500, 8, generator=g) < 0.6)
+    weights[:, 0] += 0.1  # a positive entry in every row; zeros anywhere else, trailing ones included
+    u = torch.rand(500 * 40, generator=g)
+    u[:2] = torch.tensor([0.0, 1 - 2**-24])  # the ends of [0, 1)
+    rows = weights.repeat(40, 1)
+    got = ops.sample_categorical(rows, u)
+    assert torch.equal(got, plain_categorical(rows, u))
+    assert torch.all(rows.gather(1, got[:, None]) > 0)
+    # u * total rounding up to total: the last positive entry, never a trailing zero
+    edge = torch.tensor([[1.0, 3.0, 0.0, 0.0]])
+    assert ops.sample_categorical(edge, torch.tensor([1.0])).tolist() == [1]
+
+
+def test_crossover_two_value_weights_equal_per_entry_slerp_float64() -> None:
+    a = torch.randn(6, 50, dtype=torch.float64)
+    b = torch.randn(6, 50, dtype=torch.float64)
+    b[0] = 3 * a[0]  # parallel pair: the linear mix
+    for use_split_point in (True, False):
+        g = torch.Generator().manual_seed(4)
+        child = ops.crossover(a, b, g, use_split_point)
+        g = torch.Generator().manual_seed(4)
+        split = torch.randint(0, 50, (6,), generator=g) if use_split_point else None
+        w = torch.rand(6, generator=g, dtype=torch.float64)
+        expected = ops.slerp(a, b, ops.split_point_ratios(w, split, 50))
+        torch.testing.assert_close(child, expected, rtol=1e-13, atol=1e-15)
+
+
+def test_mutation_draws_exactly_sigma_times_randn() -> None:
+    x = torch.randn(3, 1000)
+    got = ops.mutate(x, 0.01, torch.Generator().manual_seed(1))
+    assert torch.equal(got, x + 0.01 * torch.randn(3, 1000, generator=torch.Generator().manual_seed(1)))
+
+
+# ------------------------------------------------------------------------------- score validation
+def bad_rows_run(validate_scores) -> M2N2Strategy:
+    strategy = M2N2Strategy(pop_size=4, num_params=5, seed=1, validate_scores=validate_scores)
+    strategy.tell(strategy.ask(), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    children = strategy.ask(3)
+    scores = torch.tensor([[0.0, 0.0, 1.0], [float("nan"), 1.0, 1.0], [1.0, 1.0, 2.0]])
+    strategy.tell(children, scores)
+    return strategy
+
+
+def test_deferred_validation_drops_bad_rows_and_raises_at_logging() -> None:
+    strategy = bad_rows_run("deferred")  # no error at the tell
+    good = M2N2Strategy(pop_size=4, num_params=5, seed=1)
+    good.tell(good.ask(), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    good.tell(good.ask(3)[:1], torch.tensor([[0.0, 0.0, 1.0]]))  # only the valid child
+    assert torch.equal(strategy.archive, good.archive) and torch.equal(strategy.scores, good.scores)
+    with pytest.raises(ValueError, match="2 candidates .* NaN or outside"):
+        strategy.population()
+    strategy.check_scores()  # reported once
+    with pytest.raises(ValueError, match="NaN"):
+        bad_rows_run(True)
+    with pytest.raises(ValueError, match="validate_scores"):
+        M2N2Strategy(validate_scores="later")
+
+
+def test_eager_validation_reports_range() -> None:
+    strategy = M2N2Strategy(pop_size=4, num_params=5)
+    with pytest.raises(ValueError, match=r"\[0, 1\], got values in \[-0.5, 1.0\]"):
+        strategy.tell(strategy.ask(), torch.tensor([[-0.5, 1.0], [0.0, 1.0]]))
+    assert not strategy.initialized
+
+
+# ------------------------------------------------------------------------------ forward paths
+@needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_linear_matches_float64(relu: bool, with_bias: bool) -> None:
+    x, w, b = torch.randn(37, 13), torch.randn(13, 9), torch.randn(9)
+    assert fused_linear_applies(x, w)
+    got = fused_linear(x, w, b if with_bias else None, relu=relu)
+    expected = x.double() @ w.double() + (b.double() if with_bias else 0)
+    torch.testing.assert_close(got.double(), expected.relu() if relu else expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_linear_keeps_autograd_and_other_dtypes_on_the_plain_path() -> None:
+    w = torch.randn(4, 3, requires_grad=True)
+    assert not fused_linear_applies(torch.randn(5, 4), w)
+    fused_linear(torch.randn(5, 4), w, torch.zeros(3), relu=True).sum().backward()
+    assert w.grad is not None
+    assert not fused_linear_applies(torch.randn(5, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+
+
+@needs_onednn
+@pytest.mark.parametrize("k", [1, 3])
+def test_mlp_population_forward_matches_vmap_and_float64(k: int) -> None:
+    model = MLP(11, 17, 5)
+    flat = FlatParams(model)
+    candidates = torch.randn(k, flat.num_params)
+    x = torch.randn(23, 11)
+    fast = population_forward(model, flat, candidates, x)  # oneDNN, one candidate at a time
+    params = flat.unflatten(candidates)
+    vmapped = torch.func.vmap(lambda p: torch.func.functional_call(model, p, (x,)))(params)
+    reference = model.double().forward_population(flat.unflatten(candidates.double()), x.double())  # batched matmul
+    torch.testing.assert_close(fast, vmapped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+    for i in range(k):
+        single = MLP(11, 17, 5).double()
+        flat.load_into(single, candidates[i].double())
+        torch.testing.assert_close(reference[i], single(x.double()), rtol=1e-12, atol=1e-12)
+
+
+def test_subclass_changing_forward_or_hooks_is_not_given_the_fast_path() -> None:
+    class Doubled(MLP):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    model = Doubled(3, 4, 2).double()
+    flat = FlatParams(model)
+    candidates = torch.randn(2, flat.num_params, dtype=torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = population_forward(model, flat, candidates, x)
+    torch.testing.assert_close(out, 2 * MLP(3, 4, 2).double().forward_population(flat.unflatten(candidates), x))
+    hooked = MLP(3, 4, 2).double()
+    hooked.register_forward_hook(lambda module, args, output: output + 1)
+    torch.testing.assert_close(population_forward(hooked, flat, candidates, x), out / 2 + 1)
+
+
+def test_evaluator_bfloat16_scores_nearly_the_float32_ones() -> None:
+    torch.manual_seed(0)
+    model = MLP(16, 32, 4)
+    flat = FlatParams(model)
+    x, y = torch.randn(400, 16), torch.randint(0, 4, (400,))
+    candidates = 0.3 * torch.randn(5, flat.num_params)
+    exact = Evaluator(model, x, y)(candidates)
+    low = Evaluator(model, x, y, dtype=torch.bfloat16)(candidates)
+    assert low.dtype == torch.float32 and low.shape == exact.shape
+    assert (low != exact).float().mean() < 0.05
+    generic = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    cands = 0.3 * torch.randn(3, FlatParams(generic).num_params)
+    assert Evaluator(generic, x, y, dtype=torch.bfloat16).logits(cands).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        Evaluator(model, x, y, dtype=torch.float64)
+
+
+def test_evaluator_compiled_equals_eager() -> None:
+    generic = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    candidates = torch.randn(5, FlatParams(generic).num_params)
+    eager = Evaluator(generic, x, y, score_fn="true_class_probability", chunk_size=2)
+    compiled = Evaluator(generic, x, y, score_fn="true_class_probability", chunk_size=2, compile=True)
+    torch.testing.assert_close(compiled(candidates), eager(candidates), rtol=1e-5, atol=1e-6)
+
+
+def test_load_into_fast_path_still_refuses_other_modules() -> None:
+    flat = FlatParams(MLP(3, 4, 2))
+    model = MLP(3, 4, 2)
+    vector = torch.arange(flat.num_params, dtype=torch.float32)
+    flat.load_into(model, vector)
+    flat.load_into(model, vector + 1)  # checked once in full, then by shapes
+    assert torch.equal(flat.flatten(model), vector + 1)
+    model.w2 = nn.Parameter(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="expected 26"):
+        flat.load_into(model, vector)
+    with pytest.raises(ValueError, match="expected 26"):
+        flat.load_into(copy.deepcopy(MLP(3, 5, 2)), vector)
+    double = MLP(3, 4, 2).double()
+    flat.load_into(double, vector)  # converts dtype like copy_
+    assert double.w1.dtype == torch.float64 and torch.equal(flat.flatten(double), vector.double())
