@@ -360,7 +360,7 @@ def save_figure(runs: dict[str, list[list[dict[str, Any]]]], setting: str, title
             axes.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     axes.set_xlabel("forward passes")
     axes.set_ylabel("test accuracy of the best member")
-    axes.set_title(title)
+    axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
@@ -399,7 +399,8 @@ def write_outputs(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> N
     order = [m for m in args.methods if m in runs] + [m for m in runs if m not in args.methods]
     runs = {method: runs[method] for method in order}
     title = {"scratch": "From scratch", "merge": "Merging two pre-trained specialists"}[args.setting]
-    save_figure(runs, args.setting, f"{title} ({args.data})", args.out / "figure.png")
+    title = f"{title} ({args.data}); in brackets: the paper at {PAPER_BUDGET[args.setting]:,} forward passes"
+    save_figure(runs, args.setting, title, args.out / "figure.png")
     (args.out / "table.md").write_text(table(runs, args.setting))
 
 
