@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from m2n2_lightning.params import fused_linear, fused_linear_applies
+from m2n2_lightning.params import fused_linear_applies, onednn_linear
 
 
 class MLP(nn.Module):
@@ -30,7 +30,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if fused_linear_applies(x, self.w1):
-            return fused_linear(fused_linear(x.flatten(1), self.w1, self.b1, relu=True), self.w2, self.b2)
+            return onednn_linear(onednn_linear(x.flatten(1), self.w1, self.b1, relu=True), self.w2, self.b2)
         hidden = torch.relu(x.flatten(1) @ self.w1 + self.b1)
         return hidden @ self.w2 + self.b2
 
@@ -44,7 +44,7 @@ class MLP(nn.Module):
         x = x.flatten(1)
         w1, b1, w2, b2 = params["w1"], params["b1"], params["w2"], params["b2"]
         if fused_linear_applies(x, w1):
-            outs = [fused_linear(fused_linear(x, w1[i], b1[i], relu=True), w2[i], b2[i]) for i in range(len(w1))]
+            outs = [onednn_linear(onednn_linear(x, w1[i], b1[i], relu=True), w2[i], b2[i]) for i in range(len(w1))]
             return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
         hidden = torch.baddbmm(b1.unsqueeze(1), x.expand(len(w1), -1, -1), w1).relu_()
         return torch.baddbmm(b2.unsqueeze(1), hidden, w2)

@@ -139,9 +139,14 @@ def fused_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None = None, rel
     (benchmarks/RESULTS.md); else addmm.
     """
     if fused_linear_applies(inputs, weight):
-        return torch.ops.mkldnn._linear_pointwise(inputs, weight.t(), bias, "relu" if relu else "none", [], "")
+        return onednn_linear(inputs, weight, bias, relu)
     out = inputs @ weight if bias is None else torch.addmm(bias, inputs, weight)
     return out.relu_() if relu else out
+
+
+def onednn_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """`fused_linear` through oneDNN without the checks (the caller made them)."""
+    return torch.ops.mkldnn._linear_pointwise(inputs, weight.t(), bias, "relu" if relu else "none", [], "")
 
 
 def _own_population_forward(module: nn.Module) -> Any:

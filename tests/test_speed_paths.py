@@ -96,6 +96,32 @@ def test_crossover_two_value_weights_equal_per_entry_slerp_float64() -> None:
         torch.testing.assert_close(child, expected, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_slices_equal_device_masks_bitwise(dtype: torch.dtype) -> None:
+    """The CPU crossover (host split points, slices) is the device one (masks) bit for bit."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(5, 1000, generator=g, dtype=dtype), torch.randn(5, 1000, generator=g, dtype=dtype)
+    coef_a, coef_b = ops.slerp_coefficients(a, b, torch.rand(5, 2, generator=g, dtype=dtype))
+    split = torch.tensor([0, 1, 17, 999, 500])  # both ends, and cuts off the vector-width grid
+    by_mask = ops.children_by_mask(a, b, coef_a, coef_b, split)
+    assert torch.equal(ops.children_by_slices(a, b, coef_a, coef_b, split.tolist()), by_mask)
+    assert torch.equal(by_mask[0], coef_a[0, 1] * a[0] + coef_b[0, 1] * b[0])  # split 0: all "after"
+
+
+def test_cpu_row_copies_equal_device_selects() -> None:
+    scores0 = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    cases = [(torch.tensor([0.0, 1.0, 0.0]), None), (torch.zeros(3), None), (torch.tensor([1.0, 0.0, 1.0]), torch.tensor(False))]
+    for child_scores, valid in cases:
+        results = []
+        for insert in (ops.insert_on_host, ops.insert_on_device):
+            archive, scores, occupied = torch.arange(6.0).reshape(3, 2), scores0.clone(), torch.tensor([True, True, False])
+            worst = ops.worst_after_insert(scores, child_scores, 1.0)
+            insert(archive, scores, occupied, torch.full((2,), 9.0), child_scores, worst, valid)
+            results.append((archive, scores, occupied))
+        for host, device in zip(*results):
+            assert torch.equal(host, device)
+
+
 def test_mutation_draws_exactly_sigma_times_randn() -> None:
     x = torch.randn(3, 1000)
     got = ops.mutate(x, 0.01, torch.Generator().manual_seed(1))

@@ -1,10 +1,15 @@
 """The M2N2 operators as pure tensor functions (see M2N2.md for the formulas).
 
 Every function works on tensors already on the device and never reads a value
-back to the host, so a step of the algorithm costs no synchronisation. Random
-numbers come from an explicit `torch.Generator`. At the paper's sizes a step is
-a few dozen small kernels, so on the CPU their count sets the speed: each
-function uses as few as the formula allows (measured in benchmarks/RESULTS.md).
+back to the host from an accelerator, so a step of the algorithm costs no
+synchronisation. Random numbers come from an explicit `torch.Generator`. At
+the paper's sizes a step is a few dozen small kernels, so on the CPU their
+count sets the speed: each function uses as few as the formula allows, and
+where the tensors live on the CPU (where reading a value back is free) the
+crossover and the archive update read the split points and the dropped row
+to use slices and row copies instead of masks over D. Both ways give
+bit-identical results (tests/test_speed_paths.py); the timings are in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     See `slerp_coefficients`; where sin(Omega) <= 1e-6 the mix is linear: (1 - t) a + t b.
     """
     coef_a, coef_b = slerp_coefficients(a, b, t)
-    return torch.addcmul(coef_a * a, coef_b, b)
+    return (coef_a * a).add_(coef_b * b)
 
 
 def split_point_ratios(weight: Tensor, split: Tensor | None, dim: int) -> Tensor:
@@ -136,9 +141,26 @@ def crossover(
     if split is None:
         return slerp(a, b, weight)
     coef_a, coef_b = slerp_coefficients(a, b, torch.cat([weight, 1 - weight], dim=-1))
-    before = torch.arange(dim, device=a.device) < split.unsqueeze(-1)
+    if a.device.type == "cpu":
+        return children_by_slices(a, b, coef_a, coef_b, split.tolist())
+    return children_by_mask(a, b, coef_a, coef_b, split)
+
+
+def children_by_mask(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split: Tensor) -> Tensor:
+    """c_a a + c_b b with the weights [k, 2] of each child taken before / from its split point [k]."""
+    before = torch.arange(a.shape[1], device=a.device) < split.unsqueeze(-1)
     child = torch.where(before, coef_a[:, :1], coef_a[:, 1:]).mul_(a)
-    return child.addcmul_(torch.where(before, coef_b[:, :1], coef_b[:, 1:]), b)
+    return child.add_(torch.where(before, coef_b[:, :1], coef_b[:, 1:]).mul_(b))
+
+
+def children_by_slices(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split: list[int]) -> Tensor:
+    """`children_by_mask` with host split points: two slices per child, the same products and sums."""
+    child = torch.empty_like(a)
+    for row, (cut, weights_a, weights_b) in enumerate(zip(split, coef_a.tolist(), coef_b.tolist())):
+        for part, columns in enumerate((slice(0, cut), slice(cut, a.shape[1]))):
+            out = child[row, columns]
+            torch.mul(a[row, columns], weights_a[part], out=out).add_(b[row, columns] * weights_b[part])
+    return child
 
 
 def mutate(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
@@ -170,13 +192,22 @@ def replace_worst(
     capacity: Tensor | None = None,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """Insert a child by the replace-the-worst rule, in place, without a host sync.
+    """Insert a child by the replace-the-worst rule, in place.
 
     If the dropped row is the child, or `valid` (a 0-dim bool) is False, the
     archive is left as it was. Returns the dropped index (0-dim tensor;
     archive size P means the child was rejected by the rule).
     """
     worst = worst_after_insert(scores, child_scores, alpha, capacity)
+    insert = insert_on_host if archive.device.type == "cpu" else insert_on_device
+    insert(archive, scores, occupied, child, child_scores, worst, valid)
+    return worst
+
+
+def insert_on_device(
+    archive: Tensor, scores: Tensor, occupied: Tensor, child: Tensor, child_scores: Tensor, worst: Tensor, valid: Tensor | None
+) -> None:
+    """Write the child into row `worst` unless it is P or `valid` is False, without a host sync."""
     accept = worst < archive.shape[0]
     if valid is not None:
         accept = accept & valid
@@ -185,4 +216,14 @@ def replace_worst(
     archive.index_copy_(0, slot, torch.where(accept, child.unsqueeze(0), archive.index_select(0, slot)))
     scores.index_copy_(0, slot, torch.where(accept, child_scores.unsqueeze(0), scores.index_select(0, slot)))
     occupied.index_copy_(0, slot, occupied.index_select(0, slot) | accept)
-    return worst
+
+
+def insert_on_host(
+    archive: Tensor, scores: Tensor, occupied: Tensor, child: Tensor, child_scores: Tensor, worst: Tensor, valid: Tensor | None
+) -> None:
+    """`insert_on_device` with the row read back: three row copies (for CPU tensors)."""
+    row = int(worst)
+    if row < archive.shape[0] and (valid is None or bool(valid)):
+        archive[row] = child
+        scores[row] = child_scores
+        occupied[row] = True
