@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from m2n2_lightning.distributed import warn_if_wrapped
 from m2n2_lightning.engine import EvolutionEngine, collect_resources, log_evolution, save_and_log_heatmap
 from m2n2_lightning.module import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
@@ -64,7 +65,8 @@ class M2N2Callback(Callback):
             resources `(x, y)` on the device. It is called once per candidate
             (a Python loop over the `children_per_step` candidates of a step;
             the forward passes themselves stay vmapped), so it may use any
-            Python code.
+            Python code. Under DDP, and with `block_size`, it sees one block of
+            the resources at a time.
         resources: `(x, y)` tensors to score on; default: up to
             `max_resources` examples collected once from the train dataloader.
             They are moved to the module's device once.
@@ -81,6 +83,9 @@ class M2N2Callback(Callback):
             as `class_accuracy.png` in `trainer.log_dir` (`default_root_dir`
             without a logger) when the targets are class labels; its path is
             then `heatmap_path`.
+        block_size: examples scored per forward call (None: all of a rank's
+            shard at once). Under DDP, a fixed value gives bit-identical results
+            for any number of ranks (see `m2n2_lightning.distributed`).
 
     After `fit`, the module's parameters hold the strategy's best member. The
     strategy's state (archive, scores, generator, counters) is saved in
@@ -105,6 +110,7 @@ class M2N2Callback(Callback):
         init_from: Sequence[InitSource] | None = None,
         strategy: Strategy | None = None,
         heatmap: bool = True,
+        block_size: int | None = None,
     ) -> None:
         super().__init__()
         if strategy is not None and init_from is not None:
@@ -131,6 +137,7 @@ class M2N2Callback(Callback):
         self.max_resources = max_resources
         self.heatmap = heatmap
         self.heatmap_path: Path | None = None
+        self.block_size = block_size
         self.engine: EvolutionEngine | None = None
         self._pending_state: dict[str, Any] | None = None
         self._requires_grad: list[bool] | None = None
@@ -141,6 +148,7 @@ class M2N2Callback(Callback):
         if stage != "fit":
             return
         check_precision(trainer)
+        warn_if_wrapped(trainer)
         if not pl_module.automatic_optimization:
             raise ValueError(
                 f"M2N2Callback turns the optimizer step of automatic optimization into an evolution step, "
@@ -150,7 +158,7 @@ class M2N2Callback(Callback):
         if self.strategy is None:
             init_models = [merge_source_vector(pl_module, source, i) for i, source in enumerate(self.init_from)]
             self.strategy = M2N2Strategy(**self.m2n2_settings, init_models=init_models)
-        self.engine = EvolutionEngine(pl_module, self.strategy, self._engine_score_fn())
+        self.engine = EvolutionEngine(pl_module, self.strategy, self._engine_score_fn(), block_size=self.block_size)
 
     def _engine_score_fn(self) -> str | ScoreFn:
         """The score function in the engine's form: logits [k, N, ...], targets [N] -> [k, N]."""
@@ -161,7 +169,7 @@ class M2N2Callback(Callback):
         user_fn = self.score_fn
 
         def per_candidate(outputs: Tensor, targets: Tensor) -> Tensor:
-            batch = (self.engine.evaluator.inputs, targets)
+            batch = (self.engine.current.inputs, targets)
             return torch.stack([user_fn(candidate_outputs, batch) for candidate_outputs in outputs])
 
         return per_candidate
@@ -191,7 +199,7 @@ class M2N2Callback(Callback):
         log_evolution(pl_module, self.engine)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        targets = self.engine.evaluator.targets
+        targets = self.engine.targets
         if self.heatmap and targets.dim() == 1 and not targets.is_floating_point():
             num_classes = getattr(trainer.datamodule, "num_classes", None) or int(targets.max()) + 1
             self.heatmap_path = save_and_log_heatmap(trainer, self.engine, num_classes)

@@ -4,6 +4,11 @@ One step is ask -> score -> tell, then the best member is copied into the
 model's own parameters (a device-side copy), so the model always *is* the
 current best network. The engine also gathers the resources once and reports
 the metrics both Lightning entry points log.
+
+Under DDP (`m2n2_lightning.distributed`) the engine keeps only this rank's
+shard of the resources on the device, scores the candidates on it, and
+all-gathers the scores, so that every rank tells the strategy the same
+[k, N] scores and makes the same update.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from m2n2_lightning import distributed
 from m2n2_lightning.evaluator import Evaluator
 from m2n2_lightning.metrics import class_accuracy, niche_occupancy, save_heatmap
 from m2n2_lightning.params import FlatParams
@@ -50,7 +56,12 @@ PROGRESS_BAR_KEYS = ("forward_passes", "train/best_score", "forward_passes_per_s
 
 
 class EvolutionEngine:
-    """Drives a strategy on a model's flat parameters over resident resources."""
+    """Drives a strategy on a model's flat parameters over resident resources.
+
+    `block_size`: examples scored per forward call; None scores each rank's
+    whole shard at once. A fixed value makes the scores bit-identical for any
+    number of DDP ranks (see `m2n2_lightning.distributed`).
+    """
 
     def __init__(
         self,
@@ -58,40 +69,68 @@ class EvolutionEngine:
         strategy: Strategy,
         score_fn: str | ScoreFn = "correctness",
         chunk_size: int | None = None,
+        block_size: int | None = None,
     ) -> None:
+        if block_size is not None:
+            Strategy.check_positive_int("block_size", block_size, 1)
         self.model = model
         self.strategy = strategy
         self.flat = FlatParams(model)
         strategy.setup(self.flat.num_params)
         self.score_fn = score_fn
         self.chunk_size = chunk_size
-        self.evaluator: Evaluator | None = None
+        self.block_size = block_size
+        #: One evaluator per block of this rank's shard, each holding its examples on the device.
+        self.evaluators: list[Evaluator] = []
+        #: The evaluator scoring right now (for score functions that need its inputs).
+        self.current: Evaluator | None = None
+        #: Every rank's shard size, in rank order (one entry without DDP).
+        self.shard_sizes: list[int] = []
+        #: All resource targets, as given (for the per-class metrics).
+        self.targets: Tensor | None = None
         self._rate_mark: tuple[float, int] | None = None
 
     def attach(self, inputs: Tensor, targets: Tensor) -> None:
-        """Move the resources to the model's device, once, for all later steps."""
-        self.evaluator = Evaluator(self.model, inputs, targets, self.score_fn, self.chunk_size, self.flat)
+        """Move this rank's shard of the resources to the model's device, once, for all later steps."""
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        rank, world_size = distributed.world()
+        if world_size > 1:
+            distributed.check_same_resources(inputs, targets)
+        shards = distributed.partition(len(targets), world_size, self.block_size)
+        self.shard_sizes = [shard[-1][1] - shard[0][0] for shard in shards]
+        self.evaluators = [
+            Evaluator(self.model, inputs[start:stop], targets[start:stop], self.score_fn, self.chunk_size, self.flat)
+            for start, stop in shards[rank]
+        ]
+        self.targets = targets
 
-    def _require_evaluator(self) -> Evaluator:
-        if self.evaluator is None:
+    @torch.no_grad()
+    def score(self, candidates: Tensor) -> Tensor:
+        """Scores [k, N] of the candidates on all resources (this rank's shard, then all-gathered)."""
+        if not self.evaluators:
             raise RuntimeError("no resources attached: call attach(inputs, targets) first")
-        return self.evaluator
+        parts = []
+        for evaluator in self.evaluators:
+            self.current = evaluator
+            parts.append(evaluator(candidates))
+        self.current = None
+        local = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return local if len(self.shard_sizes) == 1 else distributed.all_gather_scores(local, self.shard_sizes)
 
     @torch.no_grad()
     def initialize(self) -> None:
         """Score and insert the initial members, unless the strategy is already initialised."""
-        evaluator = self._require_evaluator()
         if not self.strategy.initialized:
             candidates = self.strategy.ask()
-            self.strategy.tell(candidates, evaluator(candidates))
+            self.strategy.tell(candidates, self.score(candidates))
         self.load_best()
 
     @torch.no_grad()
     def step(self, k: int | None = None) -> None:
         """One ask -> score -> tell step; the model then holds the best member."""
-        evaluator = self._require_evaluator()
         candidates = self.strategy.ask(k)
-        self.strategy.tell(candidates, evaluator(candidates))
+        self.strategy.tell(candidates, self.score(candidates))
         self.load_best()
 
     def load_best(self) -> None:
@@ -129,10 +168,11 @@ class EvolutionEngine:
     @torch.no_grad()
     def class_accuracy(self, num_classes: int) -> Tensor:
         """Member-by-class accuracy [P, C], members sorted by mean score (best first)."""
-        evaluator = self._require_evaluator()
+        if self.targets is None:
+            raise RuntimeError("no resources attached: call attach(inputs, targets) first")
         scores, _ = self.strategy.population()
         order = scores.mean(dim=1).argsort(descending=True)
-        return class_accuracy(scores[order], evaluator.targets, num_classes)
+        return class_accuracy(scores[order].to(self.targets.device), self.targets, num_classes)
 
     def save_class_heatmap(self, path: str | Path, num_classes: int):
         """Write the member-by-class heatmap PNG; returns the figure."""
@@ -156,9 +196,12 @@ def log_evolution(module: L.LightningModule, engine: EvolutionEngine) -> None:
 
 def save_and_log_heatmap(trainer: L.Trainer, engine: EvolutionEngine, num_classes: int) -> Path | None:
     """On rank zero: write the member-by-class heatmap beside the logs, and log it where the logger takes figures."""
-    if engine.evaluator is None or not trainer.is_global_zero:
+    if engine.targets is None:
         return None
-    path = Path(trainer.log_dir or trainer.default_root_dir) / "class_accuracy.png"
+    directory = trainer.log_dir or trainer.default_root_dir  # every rank: a broadcast under DDP
+    if not trainer.is_global_zero:
+        return None
+    path = Path(directory) / "class_accuracy.png"
     figure = engine.save_class_heatmap(path, num_classes)
     for logger in trainer.loggers:
         experiment = getattr(logger, "experiment", None)

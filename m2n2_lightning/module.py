@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from m2n2_lightning.distributed import warn_if_wrapped
 from m2n2_lightning.engine import EvolutionEngine, collect_resources, log_evolution, save_and_log_heatmap
 from m2n2_lightning.scoring import ScoreFn
 from m2n2_lightning.strategies import M2N2Strategy, Strategy
@@ -74,6 +75,9 @@ class EvolutionModule(L.LightningModule):
         max_resources: cap on the examples collected as resources when the
             datamodule has no `train_tensors` (default: all).
         heatmap: save the member-by-class accuracy heatmap at the end of fit.
+        block_size: examples scored per forward call (None: all of a rank's
+            shard at once). Under DDP, a fixed value gives bit-identical results
+            for any number of ranks (see `m2n2_lightning.distributed`).
 
     The resources are the datamodule's `train_tensors` when it has them, else
     the batches of the train dataloader, gathered once and moved to the device
@@ -94,13 +98,14 @@ class EvolutionModule(L.LightningModule):
         num_classes: int | None = None,
         max_resources: int | None = None,
         heatmap: bool = True,
+        block_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "strategy"] + ([] if isinstance(score_fn, str) else ["score_fn"]))
         self.automatic_optimization = False
         self.model = model
         self.strategy = strategy if strategy is not None else M2N2Strategy()
-        self.engine = EvolutionEngine(model, self.strategy, score_fn, chunk_size)
+        self.engine = EvolutionEngine(model, self.strategy, score_fn, chunk_size, block_size)
         self.num_classes = num_classes
         self.max_resources = max_resources
         self.heatmap = heatmap
@@ -111,6 +116,7 @@ class EvolutionModule(L.LightningModule):
     # --------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         check_precision(self.trainer)
+        warn_if_wrapped(self.trainer)
         if self.num_classes is None:
             self.num_classes = getattr(self.trainer.datamodule, "num_classes", None)
         if self.num_classes is None:

@@ -1,0 +1,155 @@
+"""Scaling out with Lightning's DDP: resource shards, the score all-gather, and the strategy.
+
+Every rank holds the same archive and the same generator (same seed, or the
+same checkpoint), asks the same candidates, scores them on its own contiguous
+shard of the resources, and all-gathers the per-example scores in resource
+order. Every rank then tells the strategy the same [k, N] scores and makes the
+same update: nothing else is ever communicated.
+
+The resources are cut into blocks (each scored by one forward call) and the
+blocks into contiguous runs, one per rank. With `block_size=None` there is one
+block per rank. The rounding of a forward pass can depend on how many examples
+it holds (BLAS kernels are chosen by shape), so a run on 2 ranks may, rarely,
+score a near-tie differently from a run on 1 rank. A fixed `block_size` makes
+every block the same forward call whatever the number of ranks, so the scores
+and the archive are bit-identical for 1, 2, ... ranks (up to the number of
+blocks), on identical hardware.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+#: The name of `EvolutionDDPStrategy` for `Trainer(strategy=...)`.
+STRATEGY_NAME = "ddp_evolution"
+
+#: A block of resources: examples [start, stop).
+Block = tuple[int, int]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default group; (0, 1) when it is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def partition(num_resources: int, world_size: int, block_size: int | None = None) -> list[list[Block]]:
+    """The resources' blocks, grouped by rank: contiguous runs in resource order.
+
+    `block_size=None`: one block per rank, their sizes differing by at most one.
+    Otherwise blocks of `block_size` examples (the last one shorter), spread as
+    evenly as their count allows. ValueError when some rank would get nothing.
+    """
+    if block_size is None:
+        if num_resources < world_size:
+            raise ValueError(f"{num_resources} resources cannot be shared among {world_size} ranks")
+        base, extra = divmod(num_resources, world_size)
+        sizes = [base + (rank < extra) for rank in range(world_size)]
+        starts = [sum(sizes[:rank]) for rank in range(world_size)]
+        return [[(start, start + size)] for start, size in zip(starts, sizes)]
+    blocks = [(start, min(start + block_size, num_resources)) for start in range(0, num_resources, block_size)]
+    if len(blocks) < world_size:
+        raise ValueError(
+            f"block_size={block_size} cuts the {num_resources} resources into {len(blocks)} blocks, fewer "
+            f"than the {world_size} ranks: use block_size <= {-(-num_resources // world_size)}"
+        )
+    count = len(blocks)
+    return [blocks[rank * count // world_size : (rank + 1) * count // world_size] for rank in range(world_size)]
+
+
+def all_gather_scores(local: Tensor, shard_sizes: Sequence[int]) -> Tensor:
+    """This rank's scores [k, n_rank] -> everyone's [k, N], in rank order (which is resource order).
+
+    Shards differ in length by up to a block: each is padded to the longest
+    for `all_gather` and the padding is stripped afterwards.
+    """
+    width = max(shard_sizes)
+    padded = torch.nn.functional.pad(local, (0, width - local.shape[1])).contiguous()
+    gathered = [torch.empty_like(padded) for _ in shard_sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([scores[:, :size] for scores, size in zip(gathered, shard_sizes)], dim=1)
+
+
+def _fingerprint(tensor: Tensor) -> tuple[tuple[int, ...], str, int]:
+    """Shape, dtype and CRC-32 of the bytes of a tensor."""
+    data = tensor.detach().contiguous().cpu().reshape(-1)
+    return tuple(tensor.shape), str(tensor.dtype), zlib.crc32(data.view(torch.uint8).numpy())
+
+
+def check_same_resources(inputs: Tensor, targets: Tensor) -> None:
+    """ValueError on every rank unless all ranks were given the same resources (one all-gather)."""
+    mine = (_fingerprint(inputs), _fingerprint(targets))
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    differing = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if differing:
+        raise ValueError(
+            f"ranks {differing} hold other resources than rank 0 (shape, dtype or content): every rank must "
+            "collect the same examples in the same order. Use a train dataloader that does not shuffle, "
+            "or give the resources explicitly."
+        )
+
+
+@torch.no_grad()
+def broadcast_module_state(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (what DDP's constructor does)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+class EvolutionDDPStrategy(DDPStrategy):
+    """Lightning's DDP without the `DistributedDataParallel` wrapper, for gradient-free evolution.
+
+    Use it as `Trainer(strategy="ddp_evolution", devices=N)` (registered under
+    that name when `m2n2_lightning` is imported), as
+    `Trainer(strategy=EvolutionDDPStrategy(...), ...)` with any `DDPStrategy`
+    argument (`process_group_backend`, `timeout`, `start_method`, ...), or
+    through `conf/trainer/ddp.yaml`.
+
+    Why not Lightning's plain "ddp": it wraps the LightningModule in
+    `torch.nn.parallel.DistributedDataParallel`, whose only job is to average
+    gradients in the backward pass. Evolution has no gradients, so the wrapper
+    costs without helping: it refuses a module none of whose parameters
+    requires grad (`M2N2Callback` turns `requires_grad` off), its reducer
+    expects a backward after each training forward (there is none), and it
+    holds gradient buckets the size of the model. What evolution needs from
+    the other ranks, the scores, the engine all-gathers itself
+    (`all_gather_scores`). So `configure_ddp` does not wrap: it only
+    broadcasts rank 0's parameters and buffers once, as the wrapper would have,
+    so that every rank starts from the same module. Everything else is
+    Lightning's DDP unchanged: the launchers (subprocesses, `torchrun`, SLURM
+    and the other cluster environments, several nodes), the process group,
+    distributed samplers, rank-zero logging and checkpointing, barriers, and
+    the synchronisation of torchmetrics.
+    """
+
+    def configure_ddp(self) -> None:
+        broadcast_module_state(self.model)
+
+
+def warn_if_wrapped(trainer: L.Trainer) -> None:
+    """Point users of Lightning's plain "ddp" to `EvolutionDDPStrategy` (it works, but wraps for nothing)."""
+    if isinstance(trainer.strategy, DDPStrategy) and not isinstance(trainer.strategy, EvolutionDDPStrategy):
+        rank_zero_warn(
+            f"{type(trainer.strategy).__name__} wraps the module in DistributedDataParallel, which evolution "
+            "does not use (no gradients) and which refuses modules without trainable parameters. Use "
+            f"Trainer(strategy={STRATEGY_NAME!r}) (m2n2_lightning.distributed.EvolutionDDPStrategy) instead."
+        )
+
+
+if STRATEGY_NAME not in StrategyRegistry:
+    StrategyRegistry.register(
+        STRATEGY_NAME,
+        EvolutionDDPStrategy,
+        description="DDP without the DistributedDataParallel wrapper, for gradient-free evolution",
+        start_method="popen",
+    )
