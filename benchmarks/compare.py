@@ -350,10 +350,14 @@ def save_figure(runs: dict[str, list[list[dict[str, Any]]]], setting: str, title
     for method, method_runs in runs.items():
         end = min(r[-1]["forward_passes"] for r in method_runs)
         grid = [round(end * i / 200) for i in range(201)]
+        if method == BRUTE_FORCE:  # a sweep over w, not a search: only its end point means something
+            grid = [0, end]
+            method_runs = [[r[-1]] for r in method_runs]
         curves = [curve(r, grid) for r in method_runs]
         stats = [mean_and_error(values) for values in zip(*curves)]
         mean = [m for m, _ in stats]
-        line = axes.plot(grid, mean, label=f"{paper_label(method, setting)}, n={len(method_runs)}")[0]
+        style = "--" if method == BRUTE_FORCE else "-"
+        line = axes.plot(grid, mean, style, label=f"{paper_label(method, setting)}, n={len(method_runs)}")[0]
         if len(method_runs) > 1:
             low = [m - e for m, e in stats]
             high = [m + e for m, e in stats]
