@@ -25,6 +25,8 @@ wall_seconds; one row per evaluation point), figure.png (test accuracy against
 forward passes, mean and standard-error band over seeds) and table.md (final
 accuracy, wall time, rate, the paper's number). `--from-csv` redraws the
 figure and table from earlier results.csv files without running anything.
+With `--jobs 1`, Ctrl-C stops the current run and writes the outputs with the
+rows recorded so far (the table shows the forward passes each run reached).
 """
 
 from __future__ import annotations
@@ -196,10 +198,24 @@ def run(spec: RunSpec) -> list[dict[str, Any]]:
     recorder = Recorder(spec, model, train, test)
     engine.initialize()
     recorder.after_step(0, strategy.best_params())
-    for _ in range(steps_for(spec.forward_passes, strategy.candidates_per_step)):
-        engine.step()
-        recorder.after_step(strategy.forward_passes, strategy.best_params())
+    try:
+        for _ in range(steps_for(spec.forward_passes, strategy.candidates_per_step)):
+            engine.step()
+            recorder.after_step(strategy.forward_passes, strategy.best_params())
+    except KeyboardInterrupt:
+        print(f"{spec.method} seed {spec.seed}: stopped at {strategy.forward_passes} forward passes", flush=True)
+        engine.load_best()
+        recorder.record(strategy.forward_passes)
+        raise RunInterrupted(recorder.rows) from None
     return recorder.rows
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during a run; carries the rows recorded up to then (the last at the stop)."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        super().__init__(f"interrupted after {len(rows)} rows")
+        self.rows = rows
 
 
 @torch.no_grad()
@@ -276,10 +292,15 @@ def specialist_vectors(cfg: Any, seed: int) -> list[Tensor]:
 
 
 def run_all(specs: Sequence[RunSpec], jobs: int, on_done: Callable[[list[dict[str, Any]]], None]) -> None:
-    """Run the specs, `jobs` processes at a time (in this process when 1)."""
+    """Run the specs, `jobs` processes at a time (in this process when 1). With one job,
+    Ctrl-C ends the current run, keeps its rows so far and skips the rest."""
     if jobs == 1:
         for spec in specs:
-            on_done(run(spec))
+            try:
+                on_done(run(spec))
+            except RunInterrupted as stop:
+                on_done(stop.rows)
+                return
         return
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=quiet) as pool:
         for future in as_completed([pool.submit(run, spec) for spec in specs]):

@@ -82,3 +82,21 @@ def test_bad_arguments_exit(compare, tmp_path: Path) -> None:
         with pytest.raises(SystemExit):
             compare.main([*argv, "--out", str(tmp_path)])
     assert compare.parse_seeds("3") == [0, 1, 2] and compare.parse_seeds("4,7") == [4, 7]
+
+
+def test_ctrl_c_keeps_the_rows_of_the_stopped_run(compare, tmp_path: Path, monkeypatch) -> None:
+    step = compare.EvolutionEngine.step
+    calls = []
+
+    def interrupted_step(self, k=None):
+        calls.append(k)
+        if len(calls) > 50:
+            raise KeyboardInterrupt
+        step(self, k)
+
+    monkeypatch.setattr(compare.EvolutionEngine, "step", interrupted_step)
+    out = compare.main(["--methods", "m2n2,ga", "--seeds", "1", "--forward-passes", "200", "--out", str(tmp_path)])
+    rows = read_rows(out / "results.csv")
+    assert {r["method"] for r in rows} == {"m2n2"}  # the GA never started
+    assert int(rows[-1]["forward_passes"]) == 50
+    assert [row[:3] for row in table_rows(out / "table.md")] == [["M2N2", "1", "50"]]
