@@ -49,6 +49,7 @@ class FlatParams:
         self.specs: tuple[ParamSpec, ...] = tuple(specs)
         self.num_params: int = offset
         self._shapes = [s.shape for s in specs]
+        self._numels = [s.numel for s in specs]
         #: Modules whose names and shapes `load_into` has checked in full (then only shapes).
         self._checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -76,11 +77,13 @@ class FlatParams:
     @torch.no_grad()
     def load_into(self, module: nn.Module, vector: Tensor) -> nn.Module:
         """Copy a flat vector [D] into the module's parameters in place (one fused copy)."""
+        if vector.shape != (self.num_params,):
+            raise ValueError(f"expected a vector of length D = {self.num_params}, got shape {tuple(vector.shape)}")
         params = list(module.parameters())
         if module not in self._checked or [p.shape for p in params] != self._shapes:
             self.check_compatible(module)
             self._checked.add(module)
-        torch._foreach_copy_(params, list(self.unflatten(vector).values()))
+        torch._foreach_copy_(params, [part.reshape(shape) for part, shape in zip(vector.split(self._numels), self._shapes)])
         return module
 
     def check_compatible(self, module: nn.Module) -> None:

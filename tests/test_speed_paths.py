@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +258,27 @@ def test_load_into_fast_path_still_refuses_other_modules() -> None:
     double = MLP(3, 4, 2).double()
     flat.load_into(double, vector)  # converts dtype like copy_
     assert double.w1.dtype == torch.float64 and torch.equal(flat.flatten(double), vector.double())
+
+
+def test_seed_batch_equals_independent_runs() -> None:
+    """benchmarks/throughput.py's SeedBatch: S runs in one batch are the S runs of M2N2Strategy, bit for bit."""
+    spec = importlib.util.spec_from_file_location("throughput", Path(__file__).parents[1] / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    model = MLP(8, 16, 3)
+    x, y = torch.randn(60, 8), torch.randint(0, 3, (60,))
+    evaluator = Evaluator(model, x, y)
+    num_params = FlatParams(model).num_params
+    batch = throughput.SeedBatch([3, 4, 5], num_params, evaluator, pop_size=6)
+    runs = [M2N2Strategy(pop_size=6, seed=seed, num_params=num_params) for seed in (3, 4, 5)]
+    for run in runs:
+        run.tell(initial := run.ask(), evaluator(initial))
+    for _ in range(60):
+        batch.step()
+        for run in runs:
+            children = run.ask()
+            run.tell(children, evaluator(children))
+    for i, run in enumerate(runs):
+        assert torch.equal(batch.archive[i], run.archive) and torch.equal(batch.scores[i], run.scores)
+        assert torch.equal(batch.occupied[i], run.occupied)
+    assert batch.forward_passes == sum(run.forward_passes for run in runs) == 180

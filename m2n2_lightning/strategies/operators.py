@@ -50,11 +50,11 @@ def sample_categorical(weights: Tensor, uniforms: Tensor) -> Tensor:
     weights = weights.expand(uniforms.shape[0], -1) if weights.dim() == 1 else weights
     cdf = weights.cumsum(dim=-1)
     total = cdf[:, -1:]
-    # u < 1, but u * total can round up to total: keep the target strictly below it,
-    # so the first CDF entry above the target is always one of positive weight.
-    targets = torch.minimum(uniforms.to(cdf.dtype).unsqueeze(-1) * total, torch.nextafter(total, cdf.new_zeros(())))
-    index = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
-    return index.clamp_max_(weights.shape[-1] - 1)
+    draw = torch.searchsorted(cdf, uniforms.to(cdf.dtype).unsqueeze(-1) * total, right=True)
+    # u < 1, but u * total can round up to the total, and the draw then lands past the
+    # last positive entry (on a trailing zero, or out of range): cap it there, at the
+    # first entry where the CDF reaches its total.
+    return torch.minimum(draw, torch.searchsorted(cdf, total)).squeeze(-1)
 
 
 def _with_fallback(weights: Tensor, fallback: Tensor) -> Tensor:
@@ -156,10 +156,9 @@ def children_by_mask(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split
 def children_by_slices(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split: list[int]) -> Tensor:
     """`children_by_mask` with host split points: two slices per child, the same products and sums."""
     child = torch.empty_like(a)
-    for row, (cut, weights_a, weights_b) in enumerate(zip(split, coef_a.tolist(), coef_b.tolist())):
-        for part, columns in enumerate((slice(0, cut), slice(cut, a.shape[1]))):
-            out = child[row, columns]
-            torch.mul(a[row, columns], weights_a[part], out=out).add_(b[row, columns] * weights_b[part])
+    for out, a_row, b_row, cut, weights_a, weights_b in zip(child, a, b, split, coef_a.tolist(), coef_b.tolist()):
+        for part, columns in enumerate((slice(0, cut), slice(cut, None))):
+            torch.mul(a_row[columns], weights_a[part], out=out[columns]).add_(b_row[columns] * weights_b[part])
     return child
 
 
