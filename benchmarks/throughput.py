@@ -222,15 +222,63 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+class BareLoop:
+    """`EvolutionEngine.step` written out (ask -> score -> tell -> best member into the model) with any Evaluator."""
+
+    def __init__(self, engine: Any, evaluator: Any) -> None:
+        self.engine, self.evaluator, self.flat, self.model = engine, evaluator, engine.flat, engine.model
+
+    def step(self) -> None:
+        children = self.engine.strategy.ask()
+        self.engine.strategy.tell(children, self.evaluator(children))
+        self.engine.load_best()
+
+    def metrics(self) -> dict[str, Any]:
+        return self.engine.metrics()
+
+
+def forward_variants(model: Any, x: torch.Tensor, k: int, device: str, seconds: float) -> dict[str, dict[str, float]]:
+    """Logits of k MLP candidates three ways: vmap over functional_call, per candidate (the MLP's
+    path), and the first layer of all k as one GEMM over the stacked [in, k * hidden] weights
+    (the second layer then per candidate, as in the MLP's path)."""
+    from m2n2_lightning import FlatParams
+    from m2n2_lightning.params import fused_linear
+
+    flat = FlatParams(model)
+    params = flat.unflatten(0.05 * torch.randn(k, flat.num_params, device=device))
+    w1, b1, w2, b2 = params["w1"], params["b1"], params["w2"], params["b2"]
+
+    def vmapped() -> torch.Tensor:
+        return torch.func.vmap(lambda p: torch.func.functional_call(model, p, (x,)))(params)
+
+    def stacked() -> torch.Tensor:
+        hidden = fused_linear(x, w1.permute(1, 0, 2).reshape(x.shape[1], -1), b1.reshape(-1), relu=True)
+        return torch.stack([fused_linear(part, w2[i], b2[i]) for i, part in enumerate(hidden.split(HIDDEN, dim=1))])
+
+    variants = {"forward_vmap": vmapped, "forward_per_candidate": lambda: model.forward_population(params, x), "forward_stacked_first_layer": stacked}
+    results = {}
+    with torch.no_grad():
+        for name, fn in variants.items():
+            fn()
+            results[name] = timed(lambda: (fn(), k)[1], device, seconds)
+    return results
+
+
 def extras(engine: Any, base: dict[str, Any], k: int, num_params: int, in_features: int, device: str, args: argparse.Namespace, test: Any) -> list[dict[str, Any]]:
-    """Options of the current code: bfloat16 scoring, deferred score checks, torch.compile, a generic module."""
+    """Options and variants of the current code: bf16, deferred score checks, torch.compile, generic modules, forward layouts."""
     from m2n2_lightning import Evaluator, FlatParams
 
     x, y = engine_resources(engine)
-    rows = [{**base, "k": k, "measure": "scoring_bf16", **scoring(Evaluator(engine.model, x, y, dtype=torch.bfloat16), k, num_params, device, args.seconds)}]
+    row = {**base, "k": k}
+    rows = [{**row, "measure": "scoring_bf16", **scoring(Evaluator(engine.model, x, y, dtype=torch.bfloat16), k, num_params, device, args.seconds)}]
     if k == 1:
         deferred = build_engine(in_features, k, device, (x, y), validate_scores="deferred")
-        rows.append({**base, "k": k, "measure": "end_to_end_deferred_check", **end_to_end(deferred, test, k, device, args.seconds, args.log_every)})
+        rows.append({**row, "measure": "end_to_end_deferred_check", **end_to_end(deferred, test, k, device, args.seconds, args.log_every)})
+        for name, dtype in (("end_to_end_bare_loop", None), ("end_to_end_bare_loop_bf16", torch.bfloat16)):
+            loop = BareLoop(build_engine(in_features, k, device, (x, y)), Evaluator(engine.model, x, y, dtype=dtype))
+            rows.append({**row, "measure": name, **end_to_end(loop, test, k, device, args.seconds, args.log_every)})
+    if base["dataset"] == "digits":
+        rows += [{**row, "measure": name, **result} for name, result in forward_variants(engine.model, x, k, device, args.seconds).items()]
     if base["dataset"] == "digits" and k <= 8:
         generic = generic_mlp(in_features).to(device)
         generic_params = FlatParams(generic).num_params
@@ -239,7 +287,7 @@ def extras(engine: Any, base: dict[str, Any], k: int, num_params: int, in_featur
             ("scoring_generic_vmap_compiled", Evaluator(generic, x, y, compile=True)),
             ("scoring_compiled", Evaluator(engine.model, x, y, compile=True)),
         ):
-            rows.append({**base, "k": k, "measure": name, **scoring(evaluator, k, generic_params if "generic" in name else num_params, device, args.seconds)})
+            rows.append({**row, "measure": name, **scoring(evaluator, k, generic_params if "generic" in name else num_params, device, args.seconds)})
     return rows
 
 
@@ -430,18 +478,23 @@ def markdown(after: list[dict[str, Any]], before: list[dict[str, Any]] | None, c
             for part in ("ask", "score", "tell", "load_best", "step"):
                 lines.append(f"| {part} | " + (f"{previous[part]:.0f} | {new[part]:.0f} | {previous[part] - new[part]:.0f} |" if previous else f"{new[part]:.0f} |"))
             lines.append("")
-        options = [r for r in after if r["device"] == device and r["measure"].startswith(("scoring_", "end_to_end_"))]
+        options = [r for r in after if r["device"] == device and r["measure"].startswith(("scoring_", "end_to_end_", "forward_"))]
         if options:
-            lines += ["Options of the current code (vs = against the default of the same kind; the compiled generic row "
-                      "against the eager generic row):", "", "| dataset | k | what | forward passes/s | per CPU-s | vs |", "|---|---:|---|---:|---:|---:|"]
+            lines += ["Options and variants of the current code. vs = per CPU-s against: the default end to end "
+                      "(engine) or scoring; the bf16 bare loop against the float32 bare loop; the compiled generic "
+                      "module against its eager self; forward_* (logits only, MLP) against forward_vmap.", "",
+                      "| dataset | k | what | forward passes/s | per CPU-s | vs |", "|---|---:|---|---:|---:|---:|"]
             for row in options:
-                base_measure = "end_to_end" if row["measure"].startswith("end_to_end") else "scoring"
-                if row["measure"] == "scoring_generic_vmap_compiled":
-                    base_measure = "scoring_generic_vmap"
+                base_measure = {"end": "end_to_end", "sco": "scoring", "for": "forward_vmap"}[row["measure"][:3]]
+                base_measure = {"scoring_generic_vmap_compiled": "scoring_generic_vmap",
+                                "end_to_end_bare_loop_bf16": "end_to_end_bare_loop"}.get(row["measure"], base_measure)
                 reference = find(after, device=device, dataset=row["dataset"], k=row["k"], measure=base_measure)
                 lines.append(f"| {row['dataset']} | {row['k']} | {row['measure']} | {fmt(row['rate'])} | {fmt(row['cpu_rate'])} "
                              f"| {row['cpu_rate'] / reference['cpu_rate']:.2f}x |")
-            lines += ["", "scoring_generic_* = an `nn.Sequential` of the same MLP, scored through `vmap` (no model-specific fast path).", ""]
+            lines += ["", "scoring_generic_* = an `nn.Sequential` of the same MLP, scored through `vmap` (no model-specific "
+                      "fast path). end_to_end_bare_loop = `EvolutionEngine.step` written out around an `Evaluator` of "
+                      "one's own (the engine takes no dtype). forward_stacked_first_layer = x [N, in] @ W1 of all k "
+                      "candidates stacked [in, k * 256] as one oneDNN GEMM, layer 2 per candidate as in the MLP's path.", ""]
         seeds = [r for r in after if r["device"] == device and r["measure"].startswith("seeds_batched_")]
         if seeds:
             lines += ["Independent runs (seeds) in one process, digits, k = 1: `SeedBatch` (this file) steps S runs with one "

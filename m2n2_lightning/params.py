@@ -121,11 +121,12 @@ def _check_vmappable(module: nn.Module) -> None:
 def fused_linear_applies(inputs: Tensor, weight: Tensor) -> bool:
     """Whether `fused_linear` can use oneDNN: CPU, float32 or bfloat16 alike, no autograd, eager.
 
-    (torch.compile lowers this op only for frozen weights: compiled code takes the plain path.)
+    Under torch.compile (which lowers this op only for frozen weights) and under
+    torch.func transforms such as vmap (it has no batching rule) the plain path is taken.
     """
     if inputs.device.type != "cpu" or inputs.dtype != weight.dtype or not torch.backends.mkldnn.is_available():
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(weight):
         return False
     if not torch.backends.mkldnn.enabled or (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad)):
         return False

@@ -174,6 +174,19 @@ def test_fused_linear_matches_float64(relu: bool, with_bias: bool) -> None:
     torch.testing.assert_close(got.double(), expected.relu() if relu else expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_linear_under_vmap_takes_the_plain_path() -> None:
+    x = torch.randn(5, 3)
+    seen = []
+
+    def run(w: torch.Tensor) -> torch.Tensor:
+        seen.append(fused_linear_applies(x, w))
+        return fused_linear(x, w, relu=True)
+
+    weights = torch.randn(2, 3, 4)
+    torch.testing.assert_close(torch.func.vmap(run)(weights), torch.relu(x @ weights))
+    assert seen == [False]
+
+
 def test_fused_linear_keeps_autograd_and_other_dtypes_on_the_plain_path() -> None:
     w = torch.randn(4, 3, requires_grad=True)
     assert not fused_linear_applies(torch.randn(5, 4), w)
