@@ -74,7 +74,7 @@ BRUTE_FORCE_CHUNK = 100
 
 LABELS = {
     "m2n2": "M2N2",
-    "cmaes": "CMA-ES",
+    "cmaes": "CMA-ES (full C)",
     "cmaes_diagonal": "CMA-ES (separable, diagonal C)",
     "ga": "GA",
     "ga_no_crossover": "GA w/o crossover",
@@ -394,7 +394,7 @@ def save_figure(runs: dict[str, list[list[dict[str, Any]]]], setting: str, title
 
 
 def table(runs: dict[str, list[list[dict[str, Any]]]], setting: str) -> str:
-    """Markdown: final accuracies (mean ± standard error over seeds), time, rate, the paper's number."""
+    """Markdown: final accuracies (mean ± standard error over seeds, when more than one), time, rate, the paper's number."""
     budget = PAPER_BUDGET[setting]
     lines = [
         f"| method | seeds | forward passes | test accuracy | best train accuracy | wall s per run "
@@ -409,9 +409,10 @@ def table(runs: dict[str, list[list[dict[str, Any]]]], setting: str) -> str:
         rate = statistics.fmean(row["forward_passes"] / row["wall_seconds"] for row in final)
         passes = sorted({row["forward_passes"] for row in final})
         paper = PAPER[setting].get(method)
+        error = (lambda se: f" ± {se:.3f}") if len(final) > 1 else (lambda se: "")
         lines.append(
             f"| {LABELS.get(method, method)} | {len(final)} | {'/'.join(f'{p:,}' for p in passes)} "
-            f"| {test:.3f} ± {test_se:.3f} | {train:.3f} ± {train_se:.3f} | {wall:.1f} | {rate:.0f} "
+            f"| {test:.3f}{error(test_se)} | {train:.3f}{error(train_se)} | {wall:.1f} | {rate:.0f} "
             f"| {'≈ ' + format(paper, '.1%') if paper is not None else '—'} |"
         )
     return "\n".join(lines) + "\n"
