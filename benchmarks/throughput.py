@@ -435,7 +435,7 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 def markdown(after: list[dict[str, Any]], before: list[dict[str, Any]] | None, command: str, args: argparse.Namespace, notes: str) -> str:
     old = before or []
-    lines = [SECTION, "", f"Produced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}; {args.threads} thread(s); "
+    lines = [SECTION, "", f"Produced by `{command}` ({args.measured}; {args.threads} thread(s); "
              f"median of {args.repeats} sweeps, each figure at least {args.seconds:g} s). Forward passes per second, one "
              "forward pass = one candidate on all N training examples. Roofline = the two GEMMs of the same shapes "
              "alone ([k*N, in] x [in, 256] and [k*N, 256] x [256, 10]); `s` = timed at [N, ...] and scaled by k (the "
@@ -583,8 +583,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--before", type=Path, default=None, help="a checkout of older code to measure beside this one")
     parser.add_argument("--no-extras", dest="extras", action="store_false", help="skip bf16 / deferred / compile / seed rows")
     parser.add_argument("--seed-batches", default="1,8,32", help="S of the seeds-in-one-batch measurement")
-    parser.add_argument("--notes", type=Path, default=None, help="markdown appended to the section (analysis, verdicts)")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="markdown appended to the section (default: results/throughput_notes.md, when present)")
     parser.add_argument("--no-write", action="store_true", help="print, do not write JSON or RESULTS.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from the saved JSON (e.g. with new --notes)")
     parser.add_argument("--precision-experiment", action="store_true", help="only the fp32 vs bf16 accuracy curves")
     parser.add_argument("--precision-budget", type=int, default=5000, help="forward passes per run of that experiment")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -599,18 +601,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def render(payloads: list[dict[str, Any]], notes_path: Path | None) -> str:
+    """The markdown section from measurement payloads (one per device), with the notes appended."""
+    settings = argparse.Namespace(**payloads[0]["settings"])
+    settings.devices = [p["settings"]["devices"][0] for p in payloads]
+    after = [row for p in payloads for row in p["after"]]
+    before = [row for p in payloads for row in p["before"]] or None
+    parts = [HERE / "results" / "throughput_precision.md", notes_path or HERE / "results" / "throughput_notes.md"]
+    notes = "\n".join(part.read_text() for part in parts if part.exists())
+    return markdown(after, before, payloads[0]["command"], settings, notes)
+
+
 def main() -> None:
     args = parse_args()
     if args.worker:
         print(json.dumps(sweep(args)))
         return
     command = "python benchmarks/throughput.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    results = HERE / "results"
     if args.precision_experiment:
         text = precision_experiment(args)
         print(text)
         if not args.no_write:
-            (HERE / "results").mkdir(exist_ok=True)
-            (HERE / "results" / "throughput_precision.md").write_text(text + "\n")
+            results.mkdir(exist_ok=True)
+            (results / "throughput_precision.md").write_text(text + "\n")
+        return
+    if args.render_only:
+        payloads = [json.loads((results / f"throughput_{device}.json").read_text()) for device in args.devices]
+        write_section(HERE / "RESULTS.md", render(payloads, args.notes))
         return
     sweeps: dict[str, list[list[dict[str, Any]]]] = {"after": [], "before": []}
     for repeat in range(args.repeats):
@@ -618,23 +636,22 @@ def main() -> None:
             if code is not None:
                 sweeps[version].append(run_worker(code, args, extras=args.extras and version == "after"))
                 print(f"sweep {repeat + 1}/{args.repeats} of {version} done (load {load_average():.1f})", file=sys.stderr)
-    after = median_rows(sweeps["after"])
-    before = median_rows(sweeps["before"]) if sweeps["before"] else None
-    notes = args.notes.read_text() if args.notes else ""
-    precision = HERE / "results" / "throughput_precision.md"
-    if precision.exists():
-        notes = precision.read_text() + "\n" + notes
-    text = markdown(after, before, command, args, notes)
+    after, before = median_rows(sweeps["after"]), median_rows(sweeps["before"])
+    payloads = []
+    for device in args.devices:
+        settings = {"threads": args.threads, "repeats": args.repeats, "seconds": args.seconds, "datasets": args.datasets,
+                    "devices": [device], "measured": time.strftime("%Y-%m-%d %H:%M")}
+        payloads.append({"command": command, "settings": settings,
+                         "after": [r for r in after if r["device"] == device],
+                         "before": [r for r in before if r["device"] == device],
+                         "sweeps": {v: [[r for r in s if r["device"] == device] for s in sweeps[v]] for v in sweeps}})
+    text = render(payloads, args.notes)
     print(text)
     if args.no_write:
         return
-    (HERE / "results").mkdir(exist_ok=True)
-    for device in args.devices:
-        payload = {"command": command, "threads": args.threads, "repeats": args.repeats,
-                   "after": [r for r in after if r["device"] == device],
-                   "before": [r for r in before or [] if r["device"] == device],
-                   "sweeps": {v: [[r for r in s if r["device"] == device] for s in sweeps[v]] for v in sweeps}}
-        (HERE / "results" / f"throughput_{device}.json").write_text(json.dumps(payload, indent=1))
+    results.mkdir(exist_ok=True)
+    for device, payload in zip(args.devices, payloads):
+        (results / f"throughput_{device}.json").write_text(json.dumps(payload, indent=1))
     write_section(HERE / "RESULTS.md", text)
 
 

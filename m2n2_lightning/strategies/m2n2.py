@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from m2n2_lightning.params import flat_vector
 from m2n2_lightning.strategies import operators as ops
-from m2n2_lightning.strategies.base import Strategy, describe_bad_scores
+from m2n2_lightning.strategies.base import Strategy
 
 #: The paper's mutation and initialisation scale when evolving from scratch.
 PAPER_SIGMA = 0.01

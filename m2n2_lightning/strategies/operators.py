@@ -116,6 +116,8 @@ def split_point_ratios(weight: Tensor, split: Tensor | None, dim: int) -> Tensor
     """Mixing ratios t [k, D]: w before the split point, 1 - w from it on.
 
     Without a split point (the ablation) t = w everywhere, returned as [k, 1].
+    The entry-by-entry form of the definition; `crossover` uses its two values
+    directly (the tests check the two against each other).
     """
     weight = weight.unsqueeze(-1)
     if split is None:
