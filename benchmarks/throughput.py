@@ -472,8 +472,8 @@ def markdown(after: list[dict[str, Any]], before: list[dict[str, Any]] | None, c
             new, previous = (find(rows, device=device, dataset=dataset, k=1, measure="breakdown_us") for rows in (after, old))
             if new is None:
                 continue
-            lines += [f"Parts of one k = 1 step on {dataset}, microseconds per call, each part called on its own (in a real "
-                      "step they run slower: the parts evict each other's data from the caches):", "",
+            lines += [f"Parts of one k = 1 step on {dataset}, microseconds per call, each part called on its own, "
+                      "over and over (inside real steps each part runs 10-30% slower, see the notes below):", "",
                       "| part | " + ("before | after | saved |" if previous else "after |"), "|---|" + ("---:|" * (3 if previous else 1))]
             for part in ("ask", "score", "tell", "load_best", "step"):
                 lines.append(f"| {part} | " + (f"{previous[part]:.0f} | {new[part]:.0f} | {previous[part] - new[part]:.0f} |" if previous else f"{new[part]:.0f} |"))
@@ -530,7 +530,7 @@ def precision_experiment(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     data = DigitsDataModule()
     (x, y), (x_test, y_test) = data.train_tensors, data.test_tensors
-    budget, every, seeds = args.precision_budget, args.precision_budget // 10, (0, 1, 2)
+    budget, every, seeds = args.precision_budget, args.precision_budget // 10, tuple(range(args.precision_seeds))
     curves: dict[str, list[list[float]]] = {"float32": [], "bfloat16": []}
     agreement = []
     for seed in seeds:
@@ -554,8 +554,10 @@ def precision_experiment(args: argparse.Namespace) -> str:
                         curve.append(float((model(x_test).argmax(-1) == y_test).float().mean()))
             curves[name].append(curve)
     grid = [every * (i + 1) for i in range(len(curves["float32"][0]))]
-    lines = [f"Scoring precision (`python benchmarks/throughput.py --precision-experiment`): best member's test accuracy "
-             f"on digits, M2N2 paper settings, k = 1, seeds {list(seeds)}, mean over seeds (per seed in brackets). The "
+    lines = ["#### Scoring in bfloat16: the accuracy curves", "",
+             f"`python benchmarks/throughput.py --precision-experiment --precision-seeds {len(seeds)}`: "
+             f"best member's test accuracy on digits, M2N2 paper settings, k = 1, seeds 0-{len(seeds) - 1}: mean ± standard "
+             "error over seeds (lowest and highest seed in brackets). The "
              f"bf16 run scores in bfloat16 (`Evaluator(dtype=torch.bfloat16)`); the test accuracy is always float32. "
              f"Per-example bf16 scores equal the float32 ones for {statistics.mean(agreement):.2%} of (child, example) "
              "pairs sampled along the bf16 runs.", "",
@@ -564,7 +566,8 @@ def precision_experiment(args: argparse.Namespace) -> str:
         cells = []
         for name in ("float32", "bfloat16"):
             values = [c[i] for c in curves[name]]
-            cells.append(f"{statistics.mean(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})")
+            error = statistics.stdev(values) / len(values) ** 0.5
+            cells.append(f"{statistics.mean(values):.3f} ± {error:.3f} ({min(values):.3f}-{max(values):.3f})")
         lines.append(f"| {fp:,} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
@@ -589,6 +592,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render-only", action="store_true", help="rewrite the RESULTS.md section from the saved JSON (e.g. with new --notes)")
     parser.add_argument("--precision-experiment", action="store_true", help="only the fp32 vs bf16 accuracy curves")
     parser.add_argument("--precision-budget", type=int, default=5000, help="forward passes per run of that experiment")
+    parser.add_argument("--precision-seeds", type=int, default=3, help="seeds of that experiment (0, 1, ...)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-extras", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
