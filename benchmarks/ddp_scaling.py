@@ -25,7 +25,7 @@ elsewhere hits all configurations alike; reported are the best and the median
 rate (on a shared machine the best is the closest to free cores), the median
 CPU time and the median load average.
 
-    python benchmarks/ddp_scaling.py                     # digits (k = 1, 20) and 10,000 MNIST examples
+    python benchmarks/ddp_scaling.py                     # digits (k = 1, 20), 10,000 and 60,000 MNIST examples
     python benchmarks/ddp_scaling.py --repeats 1 --no-write
 
 MNIST is read from $M2N2_DATA_DIR (else ./data/mnist). Writes
@@ -55,6 +55,7 @@ CASES = {
     "digits_k1": ("digits", 1437, 1, 3000),
     "digits_k20": ("digits", 1437, 20, 300),
     "mnist10k_k1": ("mnist", 10_000, 1, 100),
+    "mnist60k_k1": ("mnist", 60_000, 1, 30),
 }
 
 
@@ -171,7 +172,8 @@ def markdown(rows: list[dict[str, Any]], command: str, repeats: int) -> str:
         one = found[(1, 1)]
 
         def rate(row: dict[str, Any]) -> str:
-            return f"{row['best']:.0f} / {row['median']:.0f} ({row['cpu_share']:.2f})"
+            best, median = (f"{row[key]:.0f}" if row[key] >= 100 else f"{row[key]:.1f}" for key in ("best", "median"))
+            return f"{best} / {median} ({row['cpu_share']:.2f})"
 
         def cells(row: dict[str, Any]) -> str:
             same = row["archive_crcs"] == one["archive_crcs"] and len(one["archive_crcs"]) == 1
@@ -207,7 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=20, help="steps before the clock starts")
+    parser.add_argument("--warmup", type=int, default=10, help="steps before the clock starts")
     parser.add_argument("--no-write", action="store_true", help="print, do not write JSON or RESULTS.md")
     args = parser.parse_args()
     rows = measure(args.cases, args.repeats, args.warmup)
