@@ -119,9 +119,10 @@ class EvolutionDDPStrategy(DDPStrategy):
     `torch.nn.parallel.DistributedDataParallel`, whose only job is to average
     gradients in the backward pass. Evolution has no gradients, so the wrapper
     costs without helping: it refuses a module none of whose parameters
-    requires grad (`M2N2Callback` turns `requires_grad` off), its reducer
-    expects a backward after each training forward (there is none), and it
-    holds gradient buckets the size of the model. What evolution needs from
+    requires grad (`M2N2Callback` turns `requires_grad` off, merged models
+    may be frozen), it readies its reducer for a backward pass after each
+    training forward that never comes, and it holds gradient buckets the size
+    of the model. What evolution needs from
     the other ranks, the scores, the engine all-gathers itself
     (`all_gather_scores`). So `configure_ddp` does not wrap: it only
     broadcasts rank 0's parameters and buffers once, as the wrapper would have,
