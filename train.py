@@ -52,6 +52,8 @@ def main(cfg: DictConfig) -> dict:
         return {}
     test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
     best_train = float(module.engine.metrics()["train/best_score"])
+    if not trainer.is_global_zero:  # under DDP every rank holds the same result: rank zero writes it
+        return {}
 
     torch.save(module.best_model().state_dict(), out / "best_model.pt")
     summary = {
