@@ -124,6 +124,15 @@ class Strategy(nn.Module):
             self._generator = None
         return self
 
+    def claim_num_params(self, num_params: int) -> bool:
+        """Check D; True when it is new (allocate then), False when already set to it."""
+        self.check_positive_int("num_params", num_params, 1)
+        if self.num_params == num_params:
+            return False
+        if self.num_params is not None:
+            raise ValueError(f"strategy already set up for D = {self.num_params}, not {num_params}")
+        return True
+
     def require_setup(self) -> int:
         if self.num_params is None:
             raise RuntimeError(

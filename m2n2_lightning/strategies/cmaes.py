@@ -243,11 +243,8 @@ class CMAESStrategy(Strategy):
 
     def setup(self, num_params: int) -> None:
         """Fix D and allocate the state (a no-op when D is already set)."""
-        self.check_positive_int("num_params", num_params, 1)
-        if self.num_params == num_params:
+        if not self.claim_num_params(num_params):
             return
-        if self.num_params is not None:
-            raise ValueError(f"strategy already set up for D = {self.num_params}, not {num_params}")
         if self._x0 is not None and self._x0.numel() != num_params:
             raise ValueError(f"x0 has {self._x0.numel()} parameters but the model being evolved has {num_params}")
         diagonal = num_params > AUTO_DIAGONAL_ABOVE if self.requested_diagonal == "auto" else self.requested_diagonal

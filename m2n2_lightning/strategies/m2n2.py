@@ -97,11 +97,8 @@ class M2N2Strategy(Strategy):
 
     def setup(self, num_params: int) -> None:
         """Fix D and allocate the [P, D] archive (a no-op when D is already set)."""
-        self.check_positive_int("num_params", num_params, 1)
-        if self.num_params == num_params:
+        if not self.claim_num_params(num_params):
             return
-        if self.num_params is not None:
-            raise ValueError(f"strategy already set up for D = {self.num_params}, not {num_params}")
         for i, model in enumerate(self._init_models or []):
             count = flat_vector(model).numel()
             if count != num_params:
@@ -155,13 +152,16 @@ class M2N2Strategy(Strategy):
         noise = torch.randn(2, dim, generator=self.generator, device=self.device, dtype=self.archive.dtype)
         return noise * self.init_sigma
 
-    @torch.no_grad()
-    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
+    def _as_archive_rows(self, candidates: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """Told rows in the archive's dtype and device; the [P, N] scores are allocated on the first tell."""
         if self.num_resources is None:
             self.num_resources = scores.shape[1]
             self.scores = torch.zeros(self.pop_size, self.num_resources, device=self.device)
-        candidates = candidates.to(self.archive)
-        scores = scores.to(self.scores)
+        return candidates.to(self.archive), scores.to(self.scores)
+
+    @torch.no_grad()
+    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
+        candidates, scores = self._as_archive_rows(candidates, scores)
         valid = [None] * len(scores)
         if self.deferred_validation:
             low, high = scores.aminmax(dim=1)

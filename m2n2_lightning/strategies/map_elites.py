@@ -201,11 +201,7 @@ class MAPElitesStrategy(M2N2Strategy):
 
     @torch.no_grad()
     def _tell(self, candidates: Tensor, scores: Tensor) -> None:
-        if self.num_resources is None:
-            self.num_resources = scores.shape[1]
-            self.scores = torch.zeros(self.pop_size, self.num_resources, device=self.device)
-        candidates = candidates.to(self.archive)
-        scores = scores.to(self.scores)
+        candidates, scores = self._as_archive_rows(candidates, scores)
         for child, child_scores, cell in zip(candidates, scores, self.cells(scores)):
             insert_elite(self.archive, self.scores, self.occupied, cell.reshape(1), child, child_scores)
         if self._initialized:
