@@ -8,6 +8,11 @@ bare loop computes the same metrics and validation at the same steps and writes
 them to a CSV. Checkpoints and progress bars are off in both.
 
     python benchmarks/lightning_overhead.py --forward-passes 5000 --repeats 3
+
+It also times Lightning's own per-step work alone (the floor): the same Trainer
+and data driving a module whose optimizer step does nothing and which logs
+nothing. Divided by the bare loop's time per step, that floor is the least
+overhead any evolution step of that length can have under Lightning.
 """
 
 from __future__ import annotations
@@ -25,7 +30,22 @@ from lightning.pytorch.loggers import CSVLogger
 from m2n2_lightning import MLP, M2N2Strategy
 from m2n2_lightning.data import DigitsDataModule
 from m2n2_lightning.engine import EvolutionEngine
-from m2n2_lightning.module import EvolutionModule
+from m2n2_lightning.module import EvolutionModule, EvolutionOptimizer
+
+
+class EmptyStep(L.LightningModule):
+    """Lightning's per-step machinery alone: manual optimization, one optimizer step that does nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def configure_optimizers(self) -> EvolutionOptimizer:
+        return EvolutionOptimizer(self.parameters(), lambda: None)
+
+    def training_step(self, batch: object, batch_idx: int) -> None:
+        self.optimizers().step()
 
 
 def bare_loop(steps: int, seed: int, k: int, val_every: int, log_every: int, folder: str) -> tuple[float, torch.Tensor]:
@@ -51,9 +71,9 @@ def bare_loop(steps: int, seed: int, k: int, val_every: int, log_every: int, fol
     return time.perf_counter() - start, engine.strategy.archive.clone()
 
 
-def lightning_loop(steps: int, seed: int, k: int, val_every: int, log_every: int) -> tuple[float, torch.Tensor]:
+def timed_fit(module: L.LightningModule, steps: int, val_every: int, log_every: int) -> float:
+    """Seconds of `trainer.fit` for `steps` steps on the digits, CSV logger, no checkpoints or progress bar."""
     with tempfile.TemporaryDirectory() as folder:
-        module = EvolutionModule(MLP(), M2N2Strategy(seed=seed, children_per_step=k), heatmap=False)
         trainer = L.Trainer(
             max_steps=steps,
             logger=CSVLogger(folder),
@@ -66,7 +86,13 @@ def lightning_loop(steps: int, seed: int, k: int, val_every: int, log_every: int
         )
         start = time.perf_counter()
         trainer.fit(module, datamodule=DigitsDataModule(steps_per_epoch=1000))
-        return time.perf_counter() - start, module.strategy.archive.clone()
+        return time.perf_counter() - start
+
+
+def lightning_loop(steps: int, seed: int, k: int, val_every: int, log_every: int) -> tuple[float, torch.Tensor]:
+    module = EvolutionModule(MLP(), M2N2Strategy(seed=seed, children_per_step=k), heatmap=False)
+    seconds = timed_fit(module, steps, val_every, log_every)
+    return seconds, module.strategy.archive.clone()
 
 
 def main() -> None:
@@ -84,13 +110,14 @@ def main() -> None:
 
     k = args.children_per_step
     steps = -(-args.forward_passes // k)
-    bare, lit = [], []
+    bare, lit, floor = [], [], []
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         with tempfile.TemporaryDirectory() as folder:
             seconds, bare_archive = bare_loop(steps, args.seed, k, args.val_every, args.log_every, folder)
         bare.append(seconds)
         seconds, lit_archive = lightning_loop(steps, args.seed, k, args.val_every, args.log_every)
         lit.append(seconds)
+        floor.append(timed_fit(EmptyStep(), steps, 10**9, 10**9))
         if not torch.equal(bare_archive, lit_archive):
             raise SystemExit("the two loops ended with different archives: not the same computation")
     b, t = statistics.median(bare), statistics.median(lit)
@@ -98,6 +125,9 @@ def main() -> None:
     print(f"bare loop:      median {b:.2f} s  ({steps * k / b:.0f} forward passes/s)  all {[round(x, 2) for x in bare]}")
     print(f"Lightning loop: median {t:.2f} s  ({steps * k / t:.0f} forward passes/s)  all {[round(x, 2) for x in lit]}")
     print(f"overhead: {100 * (t / b - 1):+.1f}%  (same final archive: yes)")
+    f = statistics.median(floor)
+    print(f"Lightning's own work per step (empty step, no logging or validation): {1e3 * f / steps:.3f} ms "
+          f"= {100 * f / b:.0f}% of a bare-loop step ({1e3 * b / steps:.3f} ms)  all {[round(x, 2) for x in floor]}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def correctness(logits: Tensor, targets: Tensor) -> Tensor:
-    """1.0 where argmax(logits) == target, else 0.0 (the paper's score)."""
-    return (logits.argmax(dim=-1) == targets).to(torch.float32)
+    """1.0 where argmax(logits) == target, else 0.0 (the paper's score).
+
+    `max(...).indices` is argmax (the first maximum; NaN counts as the maximum)
+    at half argmax's cost on the CPU, where this is a tenth of a digits step.
+    """
+    return (logits.max(dim=-1).indices == targets).to(torch.float32)
 
 
 def true_class_probability(logits: Tensor, targets: Tensor) -> Tensor:

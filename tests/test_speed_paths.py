@@ -12,6 +12,7 @@ from torch import nn
 
 from m2n2_lightning import MLP, Evaluator, FlatParams, M2N2Strategy, population_forward
 from m2n2_lightning.params import fused_linear, fused_linear_applies
+from m2n2_lightning.scoring import correctness
 from m2n2_lightning.strategies import operators as ops
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
@@ -160,6 +161,17 @@ def test_eager_validation_reports_range() -> None:
     with pytest.raises(ValueError, match=r"\[0, 1\], got values in \[-0.5, 1.0\]"):
         strategy.tell(strategy.ask(), torch.tensor([[-0.5, 1.0], [0.0, 1.0]]))
     assert not strategy.initialized
+
+
+def test_correctness_is_argmax_with_ties_and_nan() -> None:
+    """`correctness` reads `max().indices`: the same first maximum as argmax, NaN rows included."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (4, 500, 10), generator=g).float()  # many ties
+    logits[torch.rand(logits.shape, generator=g) < 0.02] = float("nan")
+    targets = torch.randint(0, 10, (500,), generator=g)
+    expected = (logits.argmax(-1) == targets).float()
+    assert torch.equal(correctness(logits, targets), expected)
+    assert 0 < expected.sum() < expected.numel()
 
 
 # ------------------------------------------------------------------------------ forward paths
