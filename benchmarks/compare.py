@@ -127,13 +127,21 @@ def compose_config(method: str, seed: int, data: str, data_dir: str | None) -> A
         return compose(config_name="config", overrides=overrides)
 
 
+ACCURACIES = ("best_train_acc", "test_acc")
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return (model(x).argmax(dim=-1) == y).float().mean().item()
 
 
 class Recorder:
-    """Rows of one run: the best member's accuracies when it changes, or every `eval_every` forward passes."""
+    """Rows of one run: the best member's accuracies when it changes, or every `eval_every` forward passes.
+
+    When the best member changes but its two accuracies do not (a GA often swaps
+    one best member for another that is as good), no row is added: the curve is
+    a step function, so the row would repeat the one before it.
+    """
 
     def __init__(self, spec: RunSpec, model: nn.Module, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> None:
         self.spec, self.model, self.train, self.test = spec, model, train, test
@@ -152,25 +160,26 @@ class Recorder:
         done = forward_passes >= self.spec.forward_passes
         if due or done:
             self._best = best.clone()
-            self.record(forward_passes)
+            self.record(forward_passes, keep_repeats=every > 0 or done)
         tenths = 10 * forward_passes // self.spec.forward_passes
         if tenths > self._reported_tenths:
             self._reported_tenths = tenths
             self.report(forward_passes)
 
-    def record(self, forward_passes: int) -> None:
+    def record(self, forward_passes: int, keep_repeats: bool = True) -> None:
+        row = dict(
+            method=self.spec.method,
+            seed=self.spec.seed,
+            forward_passes=forward_passes,
+            best_train_acc=accuracy(self.model, *self.train),
+            test_acc=accuracy(self.model, *self.test),
+            wall_seconds=time.perf_counter() - self.start,
+        )
         if self.rows and self.rows[-1]["forward_passes"] == forward_passes:
             self.rows.pop()
-        self.rows.append(
-            dict(
-                method=self.spec.method,
-                seed=self.spec.seed,
-                forward_passes=forward_passes,
-                best_train_acc=accuracy(self.model, *self.train),
-                test_acc=accuracy(self.model, *self.test),
-                wall_seconds=time.perf_counter() - self.start,
-            )
-        )
+        elif self.rows and not keep_repeats and all(self.rows[-1][key] == row[key] for key in ACCURACIES):
+            return
+        self.rows.append(row)
 
     def report(self, forward_passes: int) -> None:
         last, seconds = self.rows[-1], time.perf_counter() - self.start

@@ -63,6 +63,24 @@ def test_scratch_outputs(compare, tmp_path: Path) -> None:
     assert [row[0] for row in table_rows(redrawn / "table.md")] == ["GA", "M2N2"]
 
 
+@pytest.mark.parametrize("eval_every", [0, 10])
+def test_recorder_leaves_out_rows_that_repeat_both_accuracies(compare, eval_every: int) -> None:
+    """A new best member as good as the last one adds no row, except at fixed evaluation points and at the end."""
+    model = torch.nn.Linear(2, 2, bias=False)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    spec = compare.RunSpec("ga", 0, 30, eval_every, "cpu", 1, {}, {}, None, "correctness", None, None)
+    recorder = compare.Recorder(spec, model, (x, torch.tensor([0, 1])), (x, torch.tensor([0, 0])))
+    weights = [torch.eye(2), 2 * torch.eye(2), 3 * torch.eye(2), torch.eye(2).flip(0)]  # the same accuracies, then others
+    for step, w in zip((0, 10, 20, 30), weights):
+        model.weight.data.copy_(w)
+        recorder.after_step(step, w.flatten())
+    rows = [(r["forward_passes"], r["best_train_acc"], r["test_acc"]) for r in recorder.rows]
+    if eval_every:
+        assert rows == [(0, 1.0, 0.5), (10, 1.0, 0.5), (20, 1.0, 0.5), (30, 0.0, 0.5)]
+    else:
+        assert rows == [(0, 1.0, 0.5), (30, 0.0, 0.5)]
+
+
 def test_merge_outputs_with_brute_force_and_fixed_evaluation_points(compare, tmp_path: Path) -> None:
     out = compare.main([
         "--setting", "merge", "--methods", "m2n2_no_split_point,slerp_brute_force", "--seeds", "1",
