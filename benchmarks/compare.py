@@ -19,7 +19,8 @@ baseline: the best of `--forward-passes` SLERP weights w in [0, 1] (no split
 point), chosen by training accuracy.
 
 The best member's training and test accuracy are recorded each time the best
-member changes (or every `--eval-every` forward passes). Writes to `--out`:
+member changes and one of them with it (or every `--eval-every` forward
+passes). Writes to `--out`:
 results.csv (method, seed, forward_passes, best_train_acc, test_acc,
 wall_seconds; one row per evaluation point), figure.png (test accuracy against
 forward passes, mean and standard-error band over seeds) and table.md (final
