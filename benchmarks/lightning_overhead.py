@@ -12,7 +12,9 @@ them to a CSV. Checkpoints and progress bars are off in both.
 It also times Lightning's own per-step work alone (the floor): the same Trainer
 and data driving a module whose optimizer step does nothing and which logs
 nothing. Divided by the bare loop's time per step, that floor is the least
-overhead any evolution step of that length can have under Lightning.
+overhead any evolution step of that length can have under Lightning. And it
+times the evolution step itself (`engine.step`) inside each loop: the same
+work, so a difference is the step running slower between Lightning's work.
 """
 
 from __future__ import annotations
@@ -33,6 +35,24 @@ from m2n2_lightning.engine import EvolutionEngine
 from m2n2_lightning.module import EvolutionModule, EvolutionOptimizer
 
 
+class StepTimer:
+    """Stands in for an engine's `step` and adds up the wall time spent inside it."""
+
+    def __init__(self, engine: EvolutionEngine) -> None:
+        self.seconds, self.calls, self._step = 0.0, 0, engine.step
+        engine.step = self
+
+    def __call__(self, k: int | None = None) -> None:
+        start = time.perf_counter()
+        self._step(k)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+
+    @property
+    def per_call(self) -> float:
+        return self.seconds / self.calls
+
+
 class EmptyStep(L.LightningModule):
     """Lightning's per-step machinery alone: manual optimization, one optimizer step that does nothing."""
 
@@ -48,11 +68,15 @@ class EmptyStep(L.LightningModule):
         self.optimizers().step()
 
 
-def bare_loop(steps: int, seed: int, k: int, val_every: int, log_every: int, folder: str) -> tuple[float, torch.Tensor]:
-    """The same work by hand: steps, the same metrics every `log_every` steps, validation, a CSV."""
+def bare_loop(steps: int, seed: int, k: int, val_every: int, log_every: int, folder: str) -> tuple[float, torch.Tensor, float]:
+    """The same work by hand: steps, the same metrics every `log_every` steps, validation, a CSV.
+
+    Returns the wall time, the final archive and the mean time of one evolution step.
+    """
     data = DigitsDataModule()
     start = time.perf_counter()
     engine = EvolutionEngine(MLP(), M2N2Strategy(seed=seed, children_per_step=k))
+    timer = StepTimer(engine)
     engine.attach(*data.train_tensors)
     engine.initialize()
     val_x, val_y = data.val_tensors
@@ -68,7 +92,7 @@ def bare_loop(steps: int, seed: int, k: int, val_every: int, log_every: int, fol
         writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
         writer.writeheader()
         writer.writerows(rows)
-    return time.perf_counter() - start, engine.strategy.archive.clone()
+    return time.perf_counter() - start, engine.strategy.archive.clone(), timer.per_call
 
 
 def timed_fit(module: L.LightningModule, steps: int, val_every: int, log_every: int) -> float:
@@ -89,10 +113,12 @@ def timed_fit(module: L.LightningModule, steps: int, val_every: int, log_every: 
         return time.perf_counter() - start
 
 
-def lightning_loop(steps: int, seed: int, k: int, val_every: int, log_every: int) -> tuple[float, torch.Tensor]:
+def lightning_loop(steps: int, seed: int, k: int, val_every: int, log_every: int) -> tuple[float, torch.Tensor, float]:
+    """`bare_loop`'s work under a Trainer; the same three results."""
     module = EvolutionModule(MLP(), M2N2Strategy(seed=seed, children_per_step=k), heatmap=False)
+    timer = StepTimer(module.engine)  # before fit: configure_optimizers hands the optimizer engine.step
     seconds = timed_fit(module, steps, val_every, log_every)
-    return seconds, module.strategy.archive.clone()
+    return seconds, module.strategy.archive.clone(), timer.per_call
 
 
 def main() -> None:
@@ -110,13 +136,15 @@ def main() -> None:
 
     k = args.children_per_step
     steps = -(-args.forward_passes // k)
-    bare, lit, floor = [], [], []
+    bare, lit, floor, bare_step, lit_step = [], [], [], [], []
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         with tempfile.TemporaryDirectory() as folder:
-            seconds, bare_archive = bare_loop(steps, args.seed, k, args.val_every, args.log_every, folder)
+            seconds, bare_archive, step = bare_loop(steps, args.seed, k, args.val_every, args.log_every, folder)
         bare.append(seconds)
-        seconds, lit_archive = lightning_loop(steps, args.seed, k, args.val_every, args.log_every)
+        bare_step.append(step)
+        seconds, lit_archive, step = lightning_loop(steps, args.seed, k, args.val_every, args.log_every)
         lit.append(seconds)
+        lit_step.append(step)
         floor.append(timed_fit(EmptyStep(), steps, 10**9, 10**9))
         if not torch.equal(bare_archive, lit_archive):
             raise SystemExit("the two loops ended with different archives: not the same computation")
@@ -125,6 +153,9 @@ def main() -> None:
     print(f"bare loop:      median {b:.2f} s  ({steps * k / b:.0f} forward passes/s)  all {[round(x, 2) for x in bare]}")
     print(f"Lightning loop: median {t:.2f} s  ({steps * k / t:.0f} forward passes/s)  all {[round(x, 2) for x in lit]}")
     print(f"overhead: {100 * (t / b - 1):+.1f}%  (same final archive: yes)")
+    inside, outside = statistics.median(lit_step), statistics.median(bare_step)
+    print(f"the evolution step itself: {1e3 * outside:.3f} ms in the bare loop, {1e3 * inside:.3f} ms inside Lightning "
+          f"({1e3 * (inside - outside):+.3f} ms)")
     f = statistics.median(floor)
     print(f"Lightning's own work per step (empty step, no logging or validation): {1e3 * f / steps:.3f} ms "
           f"= {100 * f / b:.0f}% of a bare-loop step ({1e3 * b / steps:.3f} ms)  all {[round(x, 2) for x in floor]}")
