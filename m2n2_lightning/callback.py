@@ -37,7 +37,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from m2n2_lightning.distributed import warn_if_wrapped
-from m2n2_lightning.engine import EvolutionEngine, collect_resources, log_evolution, save_and_log_heatmap
+from m2n2_lightning.engine import (
+    EvolutionEngine,
+    collect_resources,
+    log_evolution,
+    precision_dtype,
+    save_and_log_heatmap,
+)
 from m2n2_lightning.module import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.scoring import ScoreFn
@@ -159,6 +165,7 @@ class M2N2Callback(Callback):
             init_models = [merge_source_vector(pl_module, source, i) for i, source in enumerate(self.init_from)]
             self.strategy = M2N2Strategy(**self.m2n2_settings, init_models=init_models)
         self.engine = EvolutionEngine(pl_module, self.strategy, self._engine_score_fn(), block_size=self.block_size)
+        self.engine.score_dtype = precision_dtype(trainer)
 
     def _engine_score_fn(self) -> str | ScoreFn:
         """The score function in the engine's form: logits [k, N, ...], targets [N] -> [k, N]."""

@@ -80,6 +80,8 @@ class EvolutionEngine:
         self.score_fn = score_fn
         self.chunk_size = chunk_size
         self.block_size = block_size
+        #: Scoring dtype: None (the model's own) or torch.bfloat16 / float16 (`precision_dtype`).
+        self.score_dtype: torch.dtype | None = None
         #: One evaluator per block of this rank's shard, each holding its examples on the device.
         self.evaluators: list[Evaluator] = []
         #: The evaluator scoring right now (for score functions that need its inputs).
@@ -100,7 +102,10 @@ class EvolutionEngine:
         shards = distributed.partition(len(targets), world_size, self.block_size)
         self.shard_sizes = [shard[-1][1] - shard[0][0] for shard in shards]
         self.evaluators = [
-            Evaluator(self.model, inputs[start:stop], targets[start:stop], self.score_fn, self.chunk_size, self.flat)
+            Evaluator(
+                self.model, inputs[start:stop], targets[start:stop], self.score_fn, self.chunk_size, self.flat,
+                dtype=self.score_dtype,
+            )
             for start, stop in shards[rank]
         ]
         self.targets = targets
@@ -177,6 +182,17 @@ class EvolutionEngine:
     def save_class_heatmap(self, path: str | Path, num_classes: int):
         """Write the member-by-class heatmap PNG; returns the figure."""
         return save_heatmap(self.class_accuracy(num_classes), path)
+
+
+def precision_dtype(trainer: L.Trainer) -> torch.dtype | None:
+    """The scoring dtype that the Trainer's precision asks for: bfloat16 for "bf16-mixed" and
+    "bf16-true", float16 for "16-mixed" and "16-true", None (the model's own) otherwise."""
+    precision = str(trainer.precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return None
 
 
 def log_evolution(module: L.LightningModule, engine: EvolutionEngine) -> None:

@@ -25,7 +25,13 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from m2n2_lightning.distributed import warn_if_wrapped
-from m2n2_lightning.engine import EvolutionEngine, collect_resources, log_evolution, save_and_log_heatmap
+from m2n2_lightning.engine import (
+    EvolutionEngine,
+    collect_resources,
+    log_evolution,
+    precision_dtype,
+    save_and_log_heatmap,
+)
 from m2n2_lightning.scoring import ScoreFn
 from m2n2_lightning.strategies import M2N2Strategy, Strategy
 
@@ -116,6 +122,7 @@ class EvolutionModule(L.LightningModule):
     # --------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         check_precision(self.trainer)
+        self.engine.score_dtype = precision_dtype(self.trainer)
         warn_if_wrapped(self.trainer)
         if self.num_classes is None:
             self.num_classes = getattr(self.trainer.datamodule, "num_classes", None)
