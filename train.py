@@ -19,8 +19,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from m2n2_lightning import EvolutionModule
+from m2n2_lightning import EvolutionModule, FlatParams
 from m2n2_lightning.config import register_schema, steps_for
+from m2n2_lightning.strategies.base import build_strategy
 
 register_schema()
 
@@ -30,10 +31,11 @@ def main(cfg: DictConfig) -> dict:
     """Build everything from the config (checks first), fit, test, and write the outputs."""
     out = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    # Construction validates every setting, before any data is read or step is run.
-    strategy = instantiate(cfg.strategy)
-    max_steps = steps_for(cfg.forward_passes, strategy.candidates_per_step)
+    # Construction validates every setting, before any data is read or step is run:
+    # the strategy config is a factory (`_partial_: true`), called with the model's D.
     model = instantiate(cfg.model)
+    strategy = build_strategy(instantiate(cfg.strategy), FlatParams(model).num_params)
+    max_steps = steps_for(cfg.forward_passes, strategy.candidates_per_step)
     module = EvolutionModule(model, strategy, **cfg.module)
     datamodule = instantiate(cfg.data)
     checkpoints = instantiate(cfg.checkpoint)

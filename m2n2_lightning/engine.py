@@ -26,8 +26,8 @@ from m2n2_lightning import distributed
 from m2n2_lightning.evaluator import Evaluator
 from m2n2_lightning.metrics import class_accuracy, niche_occupancy, save_heatmap
 from m2n2_lightning.params import FlatParams
-from m2n2_lightning.scoring import ScoreFn
-from m2n2_lightning.strategies.base import Strategy
+from m2n2_lightning.scoring import ScoreFn, get_score_fn
+from m2n2_lightning.strategies.base import Strategy, check_positive_int
 
 
 def collect_resources(batches: Iterable[Any], max_examples: int | None = None) -> tuple[Tensor, Tensor]:
@@ -70,22 +70,28 @@ class EvolutionEngine:
         score_fn: str | ScoreFn = "correctness",
         chunk_size: int | None = None,
         block_size: int | None = None,
+        score_dtype: torch.dtype | None = None,
+        flat: FlatParams | None = None,
     ) -> None:
         if block_size is not None:
-            Strategy.check_positive_int("block_size", block_size, 1)
+            check_positive_int("block_size", block_size, 1)
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size, 1)
         self.model = model
+        self.flat = flat or FlatParams(model)
+        if strategy.num_params != self.flat.num_params:
+            raise ValueError(
+                f"{type(strategy).__name__} evolves D = {strategy.num_params} parameters, but "
+                f"{type(model).__name__} has {self.flat.num_params}"
+            )
         self.strategy = strategy
-        self.flat = FlatParams(model)
-        strategy.setup(self.flat.num_params)
-        self.score_fn = score_fn
+        self.score_fn = get_score_fn(score_fn)
         self.chunk_size = chunk_size
         self.block_size = block_size
         #: Scoring dtype: None (the model's own) or torch.bfloat16 / float16 (`precision_dtype`).
-        self.score_dtype: torch.dtype | None = None
+        self.score_dtype = score_dtype
         #: One evaluator per block of this rank's shard, each holding its examples on the device.
         self.evaluators: list[Evaluator] = []
-        #: The evaluator scoring right now (for score functions that need its inputs).
-        self.current: Evaluator | None = None
         #: Every rank's shard size, in rank order (one entry without DDP).
         self.shard_sizes: list[int] = []
         #: All resource targets, as given (for the per-class metrics).
@@ -115,20 +121,15 @@ class EvolutionEngine:
         """Scores [k, N] of the candidates on all resources (this rank's shard, then all-gathered)."""
         if not self.evaluators:
             raise RuntimeError("no resources attached: call attach(inputs, targets) first")
-        parts = []
-        for evaluator in self.evaluators:
-            self.current = evaluator
-            parts.append(evaluator(candidates))
-        self.current = None
+        parts = [evaluator(candidates) for evaluator in self.evaluators]
         local = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return local if len(self.shard_sizes) == 1 else distributed.all_gather_scores(local, self.shard_sizes)
 
     @torch.no_grad()
-    def initialize(self) -> None:
-        """Score and insert the initial members, unless the strategy is already initialised."""
-        if not self.strategy.initialized:
-            candidates = self.strategy.ask()
-            self.strategy.tell(candidates, self.score(candidates))
+    def start(self) -> None:
+        """Score and insert the initial members (`Strategy.start`), unless the strategy has started."""
+        if not self.strategy.started:
+            self.strategy.start(self.score)
         self.load_best()
 
     @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from m2n2_lightning.params import fused_linear_applies, onednn_linear
+from m2n2_lightning.kernels import onednn_applies, onednn_linear
 
 
 class MLP(nn.Module):
@@ -29,7 +29,7 @@ class MLP(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        if fused_linear_applies(x, self.w1):
+        if onednn_applies(x, self.w1):
             return onednn_linear(onednn_linear(x.flatten(1), self.w1, self.b1, relu=True), self.w2, self.b2)
         hidden = torch.relu(x.flatten(1) @ self.w1 + self.b1)
         return hidden @ self.w2 + self.b2
@@ -37,13 +37,13 @@ class MLP(nn.Module):
     def forward_population(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Outputs [k, N, out] of k parameter sets (by name, stacked [k, *shape]) on shared x.
 
-        On the CPU one candidate at a time through oneDNN (its hidden layer stays
-        in cache; faster here than one GEMM over the k stacked first layers, see
-        benchmarks/RESULTS.md); elsewhere two batched matmuls.
+        This is the `forward_population` hook of `population_forward`. On the CPU
+        one candidate at a time through oneDNN (its hidden layer stays in cache;
+        benchmarks/RESULTS.md compares the layouts); elsewhere two batched matmuls.
         """
         x = x.flatten(1)
         w1, b1, w2, b2 = params["w1"], params["b1"], params["w2"], params["b2"]
-        if fused_linear_applies(x, w1):
+        if onednn_applies(x, w1):
             outs = [onednn_linear(onednn_linear(x, w1[i], b1[i], relu=True), w2[i], b2[i]) for i in range(len(w1))]
             return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
         hidden = torch.baddbmm(b1.unsqueeze(1), x.expand(len(w1), -1, -1), w1).relu_()

@@ -6,8 +6,9 @@ order), each flattened row-major (`Tensor.reshape(-1)`). A population is a
 `[P, D]` tensor; `population_forward` runs `[k, D]` candidates on shared inputs
 with `torch.func.functional_call` under `torch.func.vmap`, so any `nn.Module`
 can be scored without building k module objects. A module may offer a faster
-batched forward of its own, `forward_population(params, inputs)` (the MLP does,
-built on `stacked_linear`); it is used where it is defined beside `forward`.
+batched forward of its own, `forward_population(params, inputs)` (public
+extension hook; the MLP has one, built on `m2n2_lightning.kernels`); it is
+used where it is defined beside `forward`.
 """
 
 from __future__ import annotations
@@ -35,32 +36,54 @@ class ParamSpec:
     numel: int
 
 
-class FlatParams:
-    """The fixed map between a module's parameters and a flat vector of length D."""
+def evolved_parameters(module: nn.Module, include_frozen: bool = True) -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs that make up the flat vector, in `named_parameters()` order;
+    without `include_frozen`, those with `requires_grad=False` stay out (and fixed)."""
+    return [(n, p) for n, p in module.named_parameters() if include_frozen or p.requires_grad]
 
-    def __init__(self, module: nn.Module) -> None:
+
+class FlatParams:
+    """The fixed map between a module's parameters and a flat vector of length D.
+
+    `include_frozen=False` leaves parameters with `requires_grad=False` out of
+    the vector: they keep the module's values in every candidate.
+    """
+
+    def __init__(self, module: nn.Module, include_frozen: bool = True) -> None:
+        self.include_frozen = include_frozen
         specs: list[ParamSpec] = []
         offset = 0
-        for name, p in module.named_parameters():
+        for name, p in evolved_parameters(module, include_frozen):
             specs.append(ParamSpec(name, p.shape, offset, p.numel()))
             offset += p.numel()
         if offset == 0:
-            raise ValueError(f"{type(module).__name__} has no parameters to evolve.")
+            raise ValueError(
+                f"{type(module).__name__} has no parameters to evolve"
+                + ("" if include_frozen else " (all have requires_grad=False; evolve_frozen=True includes them)")
+            )
         self.specs: tuple[ParamSpec, ...] = tuple(specs)
         self.num_params: int = offset
         self._shapes = [s.shape for s in specs]
         self._numels = [s.numel for s in specs]
-        #: Modules whose names and shapes `load_into` has checked in full (then only shapes).
-        self._checked: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        #: The parameters of each module `load_into` has checked in full, in vector order (then only shapes).
+        self._params: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
 
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
 
     def flatten(self, module: nn.Module) -> Tensor:
-        """The module's current parameters as one detached vector [D]."""
-        self.check_compatible(module)
-        return flat_vector(module)
+        """The module's current values of the vector's parameters as one detached vector [D]."""
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters_of(module)])
+
+    def parameters_of(self, module: nn.Module) -> list[nn.Parameter]:
+        """`module`'s parameters named in the vector, in its order (checked in full once per module)."""
+        params = self._params.get(module)
+        if params is None or [p.shape for p in params] != self._shapes:
+            self.check_compatible(module)
+            named = dict(module.named_parameters())
+            params = self._params[module] = [named[name] for name in self.names]
+        return params
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Views of `vector` ([..., D]) shaped like each parameter ([..., *shape])."""
@@ -79,19 +102,17 @@ class FlatParams:
         """Copy a flat vector [D] into the module's parameters in place (one fused copy)."""
         if vector.shape != (self.num_params,):
             raise ValueError(f"expected a vector of length D = {self.num_params}, got shape {tuple(vector.shape)}")
-        params = list(module.parameters())
-        if module not in self._checked or [p.shape for p in params] != self._shapes:
-            self.check_compatible(module)
-            self._checked.add(module)
+        params = self.parameters_of(module)
         torch._foreach_copy_(params, [part.reshape(shape) for part, shape in zip(vector.split(self._numels), self._shapes)])
         return module
 
     def check_compatible(self, module: nn.Module) -> None:
         """Raise a ValueError naming the mismatch if `module` has other parameters."""
-        theirs = [(n, p.shape) for n, p in module.named_parameters()]
+        named = dict(module.named_parameters())
+        theirs = [(n, p.shape) for n, p in module.named_parameters() if n in set(self.names) or self.include_frozen]
         ours = [(s.name, s.shape) for s in self.specs]
         if theirs != ours:
-            total = sum(p.numel() for p in module.parameters())
+            total = sum(p.numel() for _, p in named.items())
             diff = [f"{n}: {tuple(a)} vs {tuple(b)}" for (n, a), (_, b) in zip(ours, theirs) if a != b]
             names = {n for n, _ in ours} ^ {n for n, _ in theirs}
             detail = "; ".join(diff + [f"only in one: {sorted(names)}"] if names else diff)
@@ -118,53 +139,6 @@ def _check_vmappable(module: nn.Module) -> None:
             )
 
 
-def fused_linear_applies(inputs: Tensor, weight: Tensor) -> bool:
-    """Whether `fused_linear` can use oneDNN: CPU, float32 or bfloat16 alike, no autograd, eager.
-
-    Under torch.compile (which lowers this op only for frozen weights) and under
-    torch.func transforms such as vmap (it has no batching rule) the plain path is taken.
-    """
-    if inputs.device.type != "cpu" or inputs.dtype != weight.dtype or not torch.backends.mkldnn.is_available():
-        return False
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(weight):
-        return False
-    if not torch.backends.mkldnn.enabled or (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad)):
-        return False
-    if inputs.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return inputs.dtype == torch.float32
-
-
-def fused_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """`inputs [N, in] @ weight [in, out] + bias [out]`, then ReLU if asked.
-
-    Where `fused_linear_applies`, one oneDNN matmul with bias and ReLU fused:
-    on the CPUs here 2-4x faster than torch.matmul (MKL) at the MLP's shapes
-    (benchmarks/RESULTS.md); else addmm.
-    """
-    if fused_linear_applies(inputs, weight):
-        return onednn_linear(inputs, weight, bias, relu)
-    out = inputs @ weight if bias is None else torch.addmm(bias, inputs, weight)
-    return out.relu_() if relu else out
-
-
-def onednn_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """`fused_linear` through oneDNN without the checks (the caller made them)."""
-    return torch.ops.mkldnn._linear_pointwise(inputs, weight.t(), bias, "relu" if relu else "none", [], "")
-
-
-def _own_population_forward(module: nn.Module) -> Any:
-    """`module.forward_population` when the class that defines `forward` defines it too, else None.
-
-    A subclass that overrides `forward` alone, or a module with forward hooks,
-    goes through `functional_call` so that what runs is what `forward` does.
-    """
-    owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
-    if "forward_population" not in vars(owner) or module._forward_hooks or module._forward_pre_hooks:
-        return None
-    return module.forward_population
-
-
 def population_forward(module: nn.Module, flat: FlatParams, candidates: Tensor, inputs: Any) -> Any:
     """Run each of `candidates` [k, D] as `module`'s parameters on the same `inputs`.
 
@@ -178,9 +152,12 @@ def population_forward(module: nn.Module, flat: FlatParams, candidates: Tensor, 
             f"candidates must have shape [k, {flat.num_params}], got {tuple(candidates.shape)}"
         )
     params = flat.unflatten(candidates)
-    own = _own_population_forward(module)
-    if own is not None:
-        return own(params, inputs)
+    # The module's own batched forward, when the class that defines `forward` defines it too
+    # (a subclass overriding `forward` alone, or forward hooks, go through `functional_call`
+    # so that what runs is what `forward` does).
+    owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
+    if "forward_population" in vars(owner) and not (module._forward_hooks or module._forward_pre_hooks):
+        return module.forward_population(params, inputs)
     _check_vmappable(module)
 
     def run_one(p: dict[str, Tensor]) -> Any:

@@ -138,6 +138,13 @@ class TensorDataModule(L.LightningDataModule):
         repeated to ``steps_per_epoch`` batches when that is set."""
         return self._loader(self.train_tensors, self.steps_per_epoch)
 
+    def transfer_batch_to_device(self, batch: TensorPair, device: torch.device, dataloader_idx: int) -> TensorPair:
+        """Training batches stay where they are: they only pace the evolution steps (the
+        resources are already resident), and copying them every step would cost more than a step."""
+        if self.trainer is not None and self.trainer.training:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def val_dataloader(self) -> DataLoader:
         """The validation set in order."""
         return self._loader(self.val_tensors)

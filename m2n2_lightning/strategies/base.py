@@ -1,21 +1,32 @@
 """The ask/tell protocol every strategy speaks.
 
-    candidates = strategy.ask(k)          # [k, D] on the strategy's device
-    strategy.tell(candidates, scores)     # scores [k, N], per-example, in [0, 1]
+    strategy = M2N2Strategy(num_params=D, seed=0)   # D is fixed here, at construction
+    strategy.start(score)                           # the initial members, scored by score([m, D]) -> [m, N]
+    candidates = strategy.ask(k)                    # [k, D] on the strategy's device
+    strategy.tell(candidates, scores)               # scores [k, N], per-example, in [0, 1]
 
 A strategy is an `nn.Module`: its population lives in buffers, so `.to(device)`
 moves it and `state_dict()` (hence Lightning's checkpoints) carries it. Its one
 `torch.Generator` and its counters travel in the module's extra state, so a
 strategy restored from a `state_dict()` continues exactly where it stopped.
+
+The Lightning entry points take either a built strategy or a factory that they
+call with `num_params=D` (and `init_models=[...]` when merging), e.g.
+`functools.partial(M2N2Strategy, pop_size=20)` or a Hydra config with
+`_partial_: true`; `build_strategy` is that one place.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+#: What scores candidates for `Strategy.start`: candidates [m, D] -> scores [m, N].
+ScoreCandidates = Callable[[Tensor], Tensor]
 
 
 def describe_bad_scores(scores: Tensor) -> str:
@@ -27,31 +38,53 @@ def describe_bad_scores(scores: Tensor) -> str:
     return f"scores must lie in [0, 1], got values in [{scores.min().item()}, {scores.max().item()}]"
 
 
-class Strategy(nn.Module):
-    """Base class: seeded generator, counters, checked tell(), state round-trip.
+def check_positive_int(name: str, value: Any, minimum: int) -> int:
+    """`value` if it is an integer >= `minimum`, else a ValueError naming `name`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
-    Subclasses implement `setup`, `ask`, `_tell`, `best_params` and keep their
-    population in buffers registered at construction (resized on load).
+
+def check_non_negative(name: str, value: Any) -> float:
+    """`value` as a float if it is a finite number >= 0, else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class Strategy(nn.Module):
+    """Base class: D fixed at construction, seeded generator, counters, checked tell(), state round-trip.
+
+    Subclasses implement `_start`, `ask`, `_tell`, `best_params`, `population`
+    and `candidates_per_step`. `start` is the one place where the initial
+    members are made and scored; `num_resources` (N) is fixed there.
     """
 
-    #: Buffers whose shape is only known after setup/first tell; loading resizes them.
-    resizable_buffers: tuple[str, ...] = ()
-
-    def __init__(self, seed: int = 0, validate_scores: bool = True) -> None:
+    def __init__(self, num_params: int, seed: int = 0, validate_scores: bool = True) -> None:
         super().__init__()
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if not isinstance(validate_scores, bool):
+            raise ValueError(f"validate_scores must be True or False, got {validate_scores!r}")
+        self.num_params = check_positive_int("num_params (D)", num_params, 1)
         self.seed = seed
         self.validate_scores = validate_scores
-        self.num_params: int | None = None
         self.num_resources: int | None = None
         self.forward_passes = 0
+        self.started = False
         self._generator: torch.Generator | None = None
         self._pending_rng: tuple[Tensor, str] | None = None
 
     # ----------------------------------------------------------------- protocol
-    def setup(self, num_params: int) -> None:
-        """Fix the dimension D of the search space (allocates the population)."""
+    @torch.no_grad()
+    def start(self, score: ScoreCandidates) -> None:
+        """Make the initial members, score them with `score` and insert them (not counted as forward passes)."""
+        if self.started:
+            raise RuntimeError(f"{type(self).__name__} has already started")
+        self._start(score)
+        self.started = True
+
+    def _start(self, score: ScoreCandidates) -> None:
         raise NotImplementedError
 
     def ask(self, k: int | None = None) -> Tensor:
@@ -79,10 +112,9 @@ class Strategy(nn.Module):
         """Scores [P, N] and fitness [P] of the current population, for metrics."""
         raise NotImplementedError
 
-    @property
-    def initialized(self) -> bool:
-        """Whether the population is ready for `ask` to make children."""
-        return True
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings that shape the run (for hyperparameters and resume checks)."""
+        return {"seed": self.seed, "num_params": self.num_params}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -124,38 +156,17 @@ class Strategy(nn.Module):
             self._generator = None
         return self
 
-    def claim_num_params(self, num_params: int) -> bool:
-        """Check D; True when it is new (allocate then), False when already set to it."""
-        self.check_positive_int("num_params", num_params, 1)
-        if self.num_params == num_params:
-            return False
-        if self.num_params is not None:
-            raise ValueError(f"strategy already set up for D = {self.num_params}, not {num_params}")
-        return True
-
-    def require_setup(self) -> int:
-        if self.num_params is None:
-            raise RuntimeError(
-                f"{type(self).__name__} does not know the number of parameters yet: pass "
-                "num_params=... or call setup(num_params) before ask()."
-            )
-        return self.num_params
-
-    @staticmethod
-    def check_positive_int(name: str, value: Any, minimum: int) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        return value
-
-    @staticmethod
-    def check_non_negative(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        return float(value)
+    def check_k(self, k: int | None) -> int:
+        """The number of candidates to ask for: `candidates_per_step` when None (after `start`)."""
+        if not self.started:
+            raise RuntimeError(f"{type(self).__name__} has not started: call start(score) before ask()")
+        return self.candidates_per_step if k is None else check_positive_int("k", k, 1)
 
     def check_told(self, candidates: Tensor, scores: Tensor) -> None:
         """ValueError before any state changes if a tell() is malformed."""
-        dim = self.require_setup()
+        if not self.started:
+            raise RuntimeError(f"{type(self).__name__} has not started: call start(score) before tell()")
+        dim = self.num_params
         if candidates.dim() != 2 or candidates.shape[1] != dim:
             raise ValueError(f"candidates must have shape [k, {dim}], got {tuple(candidates.shape)}")
         k = candidates.shape[0]
@@ -163,11 +174,14 @@ class Strategy(nn.Module):
             raise ValueError(f"scores must have shape [k={k}, N], got {tuple(scores.shape)}")
         if self.num_resources is not None and scores.shape[1] != self.num_resources:
             raise ValueError(
-                f"scores must cover the same N = {self.num_resources} examples as before, "
-                f"got {scores.shape[1]}"
+                f"scores must cover the same N = {self.num_resources} examples as before, got {scores.shape[1]}"
             )
-        if scores.shape[1] == 0:
-            raise ValueError("scores must cover at least one example (N >= 1)")
+        self.check_scores(scores)
+
+    def check_scores(self, scores: Tensor) -> None:
+        """ValueError unless `scores` [k, N] cover N >= 1 examples, in [0, 1] (one host sync)."""
+        if scores.dim() != 2 or scores.shape[1] == 0:
+            raise ValueError(f"scores must have shape [k, N] with N >= 1, got {tuple(scores.shape)}")
         if self.validate_scores:
             # One fused reduction and one read back; min and max are NaN when any score is.
             low, high = torch.stack(torch.aminmax(scores)).tolist()
@@ -178,20 +192,24 @@ class Strategy(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         generator = self.generator
         return {
+            "strategy": type(self).__name__,
             "rng_state": generator.get_state(),
             "rng_device": generator.device.type,
             "seed": self.seed,
             "num_params": self.num_params,
             "num_resources": self.num_resources,
             "forward_passes": self.forward_passes,
+            "started": self.started,
             **self.extra_state(),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("num_params") != self.num_params:
+            raise ValueError(f"the saved strategy has D = {state.get('num_params')}, this one D = {self.num_params}")
         self.seed = state["seed"]
-        self.num_params = state["num_params"]
         self.num_resources = state["num_resources"]
         self.forward_passes = state["forward_passes"]
+        self.started = state["started"]
         self._pending_rng = (state["rng_state"].cpu(), state["rng_device"])
         self._generator = None
         self.load_extra_state(state)
@@ -203,11 +221,34 @@ class Strategy(nn.Module):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` returned."""
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # Buffers allocated lazily have their size only after setup: take the saved size.
-        for name in self.resizable_buffers:
-            saved = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if saved is not None and saved.shape != current.shape:
-                setattr(self, name, torch.empty(saved.shape, dtype=current.dtype, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+#: What the Lightning entry points accept as a strategy: a built one or a factory of one.
+StrategySpec = Strategy | Callable[..., Strategy]
+
+
+def build_strategy(spec: StrategySpec, num_params: int, init_models: Sequence[Tensor] | None = None) -> Strategy:
+    """The strategy for a model of D = `num_params`: `spec` itself, or `spec(num_params=D[, init_models=...])`.
+
+    A built strategy must already have that D, and cannot receive seed models
+    (they are constructor arguments): pass a factory then.
+    """
+    if isinstance(spec, Strategy):
+        if spec.num_params != num_params:
+            raise ValueError(
+                f"{type(spec).__name__} was built for D = {spec.num_params} parameters, but the model has "
+                f"{num_params}; build it with num_params={num_params}, or pass a factory such as "
+                f"functools.partial({type(spec).__name__}, ...)"
+            )
+        if init_models is not None:
+            raise ValueError(
+                f"init_from gives seed models, which a built {type(spec).__name__} cannot receive: pass a factory "
+                f"instead, e.g. strategy=functools.partial({type(spec).__name__}, ...), which is called with "
+                "num_params=D and init_models=[...]"
+            )
+        return spec
+    if not callable(spec):
+        raise ValueError(f"strategy must be a Strategy or a factory returning one, got {spec!r}")
+    strategy = spec(num_params=num_params, **({} if init_models is None else {"init_models": list(init_models)}))
+    if not isinstance(strategy, Strategy):
+        raise ValueError(f"the strategy factory {spec!r} returned {type(strategy).__name__}, not a Strategy")
+    return strategy

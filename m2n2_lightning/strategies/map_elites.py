@@ -32,7 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from m2n2_lightning.strategies import operators as ops
-from m2n2_lightning.strategies.m2n2 import PAPER_SIGMA, M2N2Strategy
+from m2n2_lightning.strategies.archive import Archive, initial_members, seed_vectors
+from m2n2_lightning.strategies.base import ScoreCandidates, Strategy, check_non_negative, check_positive_int
+from m2n2_lightning.strategies.m2n2 import PAPER_SIGMA
 
 if TYPE_CHECKING:
     from m2n2_lightning.data.base import TensorDataModule
@@ -81,44 +83,33 @@ def sample_elite_parents(
     return first, second
 
 
-def insert_elite(
-    archive: Tensor, scores: Tensor, occupied: Tensor, cell: Tensor, child: Tensor, child_scores: Tensor
-) -> Tensor:
-    """Make the child the elite of `cell` (1-dim, one index) if the cell is empty or the
-    child's quality (mean score) is strictly higher; in place, without a host sync.
-    Returns whether it was inserted (a [1] bool tensor)."""
-    accept = ~occupied[cell] | (child_scores.mean() > scores[cell].mean(dim=1))
-    archive.index_copy_(0, cell, torch.where(accept.unsqueeze(1), child.unsqueeze(0), archive[cell]))
-    scores.index_copy_(0, cell, torch.where(accept.unsqueeze(1), child_scores.unsqueeze(0), scores[cell]))
-    occupied.index_copy_(0, cell, occupied[cell] | accept)
-    return accept
-
-
-class MAPElitesStrategy(M2N2Strategy):
+class MAPElitesStrategy(Strategy):
     """MAP-Elites with M2N2's crossover and mutation (the paper's baseline).
 
-    It keeps `M2N2Strategy`'s storage (its archive has one slot per grid cell:
-    `archive` [bins^G, D], `scores` [bins^G, N], `occupied`), its initial
-    members (two random ones, or the given models), its crossover, mutation
-    and best member (the highest mean score, first on ties); parent selection
-    and the archive update are MAP-Elites' (module docstring).
+    Its `Archive` has one slot per grid cell (members [bins^G, D], scores
+    [bins^G, N], occupancy); it starts like M2N2 (two random members, or the
+    given models, each put in its cell), makes children by M2N2's split-point
+    SLERP and mutation, and reports as best member the highest mean score (first
+    on ties); parent selection and the update are MAP-Elites' (module docstring).
 
     Args:
+        num_params: D, the length of the flat parameter vector.
         bins: bins per descriptor (>= 2); the grid has bins^G cells.
         descriptor_labels: labels [N] of the resources, in scoring order; or
-            give them later with `set_descriptor_labels` (before the first tell).
+            give them later with `set_descriptor_labels` (before `start`).
         descriptor_classes: the label classes of each of the G descriptors.
         mutation_sigma: std of the Gaussian mutation; None = the paper's choice,
             0.01 from scratch and 0 when `init_models` are merged.
-        init_sigma, children_per_step, init_models, seed, num_params: as for
-            `M2N2Strategy`.
+        init_sigma: std of the two random initial members from scratch.
+        children_per_step: k, the default for `ask()`.
+        init_models: modules or flat [D] tensors to start from (two or more).
+        seed: seed of the strategy's generator.
         validate_scores: check told scores for NaN and range (one host sync).
     """
 
-    resizable_buffers = M2N2Strategy.resizable_buffers + ("membership",)
-
     def __init__(
         self,
+        num_params: int,
         bins: int = 10,
         descriptor_labels: Tensor | Sequence[int] | None = None,
         descriptor_classes: Sequence[Sequence[int]] = PARITY_CLASSES,
@@ -127,32 +118,36 @@ class MAPElitesStrategy(M2N2Strategy):
         children_per_step: int = 1,
         init_models: Sequence[nn.Module | Tensor] | None = None,
         seed: int = 0,
-        num_params: int | None = None,
         validate_scores: bool = True,
     ) -> None:
-        bins = self.check_positive_int("bins", bins, 2)
-        if not isinstance(validate_scores, bool):
-            raise ValueError(f"validate_scores must be True or False, got {validate_scores!r}")
+        super().__init__(num_params, seed=seed, validate_scores=validate_scores)
+        self.bins = check_positive_int("bins", bins, 2)
         classes = tuple(tuple(int(c) for c in group) for group in descriptor_classes)
         if not classes or not all(classes):
             raise ValueError(f"descriptor_classes must be one or more non-empty label groups, got {descriptor_classes!r}")
-        super().__init__(
-            pop_size=bins ** len(classes),
-            alpha=0.0,
-            use_matchmaker=False,
-            mutation_sigma=mutation_sigma,
-            init_sigma=init_sigma,
-            children_per_step=children_per_step,
-            init_models=init_models,
-            seed=seed,
-            num_params=num_params,
-            validate_scores=validate_scores,
-        )
-        self.bins = bins
         self.descriptor_classes = classes
+        self.children_per_step = check_positive_int("children_per_step (k)", children_per_step, 1)
+        self.init_sigma = check_non_negative("init_sigma", init_sigma)
+        if mutation_sigma is not None:
+            mutation_sigma = check_non_negative("mutation_sigma", mutation_sigma)
+        self.init_models = seed_vectors(init_models, self.num_params)
+        self.mutation_sigma = mutation_sigma if mutation_sigma is not None else (0.0 if init_models else PAPER_SIGMA)
+        self.archive = Archive(self.bins ** len(classes), self.num_params)
         self.register_buffer("membership", torch.zeros(len(classes), 0))
         if descriptor_labels is not None:
             self.set_descriptor_labels(descriptor_labels)
+
+    @property
+    def scores(self) -> Tensor:
+        return self.archive.scores
+
+    @property
+    def occupied(self) -> Tensor:
+        return self.archive.occupied
+
+    @property
+    def candidates_per_step(self) -> int:
+        return self.children_per_step
 
     def set_descriptor_labels(self, labels: Tensor | Sequence[int]) -> None:
         """Set the labels [N] of the resources that the descriptors are computed from."""
@@ -168,7 +163,8 @@ class MAPElitesStrategy(M2N2Strategy):
 
     def quality(self) -> Tensor:
         """Quality [cells] of each cell's elite: its mean score (0 for empty cells)."""
-        return self.scores.mean(dim=1) if self.scores.numel() else self.scores.new_zeros(self.pop_size)
+        scores = self.archive.scores
+        return scores.mean(dim=1) if scores.numel() else scores.new_zeros(self.archive.capacity)
 
     def cells(self, scores: Tensor) -> Tensor:
         """Grid cell [k] of models with scores [k, N]."""
@@ -176,40 +172,75 @@ class MAPElitesStrategy(M2N2Strategy):
 
     def population(self) -> tuple[Tensor, Tensor]:
         """Scores and quality of the elites of the filled cells (a host sync: for logging)."""
-        return self.scores[self.occupied], self.quality()[self.occupied]
+        occupied = self.archive.occupied
+        return self.archive.scores[occupied], self.quality()[occupied]
 
-    def check_told(self, candidates: Tensor, scores: Tensor) -> None:
+    def check_scores(self, scores: Tensor) -> None:
         """The base checks, and descriptor labels for exactly these N resources."""
-        super().check_told(candidates, scores)
+        super().check_scores(scores)
         if self.membership.shape[1] == 0:
             raise ValueError(
                 "MAPElitesStrategy needs the labels of the resources for its descriptors: pass "
-                "descriptor_labels=... or call set_descriptor_labels(targets) before the first tell()"
+                "descriptor_labels=... or call set_descriptor_labels(targets) before start()"
             )
         if self.membership.shape[1] != scores.shape[1]:
             raise ValueError(f"scores cover N = {scores.shape[1]} resources but {self.membership.shape[1]} labels were given")
 
+    def _start(self, score: ScoreCandidates) -> None:
+        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.members)
+        scores = score(members)
+        self.check_scores(scores)
+        self.num_resources = scores.shape[1]
+        self.archive.allocate(self.num_resources)
+        self._insert(members, scores)
+
     @torch.no_grad()
     def ask(self, k: int | None = None) -> Tensor:
-        dim = self.require_setup()
-        if not self._initialized:
-            return self._initial_members(dim)
-        k = self.children_per_step if k is None else self.check_positive_int("k", k, 1)
-        first, second = sample_elite_parents(self.quality(), self.occupied, k, self.generator)
-        children = ops.crossover(self.archive[first], self.archive[second], self.generator)
-        return ops.mutate(children, self.mutation_sigma, self.generator)
+        k = self.check_k(k)
+        first, second = sample_elite_parents(self.quality(), self.archive.occupied, k, self.generator)
+        split, weight = ops.crossover_draws(k, self.num_params, self.generator, True, self.archive.members)
+        return ops.mutate(self.archive.children(first, second, split, weight), self.mutation_sigma, self.generator)
 
     @torch.no_grad()
     def _tell(self, candidates: Tensor, scores: Tensor) -> None:
-        candidates, scores = self._as_archive_rows(candidates, scores)
+        self._insert(candidates, scores)
+        self.forward_passes += len(candidates)
+
+    def _insert(self, candidates: Tensor, scores: Tensor) -> None:
+        """Each child becomes its cell's elite if the cell is empty or its quality is strictly higher."""
+        archive = self.archive
+        candidates, scores = candidates.to(archive.members), scores.to(archive.scores)
         for child, child_scores, cell in zip(candidates, scores, self.cells(scores)):
-            insert_elite(self.archive, self.scores, self.occupied, cell.reshape(1), child, child_scores)
-        if self._initialized:
-            self.forward_passes += len(candidates)
-        self._initialized = True
+            accept = ~archive.occupied[cell] | (child_scores.mean() > archive.scores[cell].mean())
+            archive.write(cell, child, child_scores, accept)
+
+    def best_params(self) -> Tensor:
+        """The elite with the highest mean score (the first on ties)."""
+        if not self.started:
+            raise RuntimeError("the archive is empty: call start(score) first")
+        scores = self.archive.scores
+        return self.archive.rows(scores.sum(dim=1).div_(scores.shape[1]).argmax().reshape(1))[0]
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "bins": self.bins,
+            "descriptor_classes": self.descriptor_classes,
+            "mutation_sigma": self.mutation_sigma,
+            "init_sigma": self.init_sigma,
+            "children_per_step": self.children_per_step,
+            "seed_models": 0 if self.init_models is None else len(self.init_models),
+        }
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Descriptor labels not given again: take the saved ones (their N is the saved run's).
+        saved = state_dict.get(prefix + "membership")
+        if saved is not None and self.membership.shape[1] == 0:
+            self.membership = torch.zeros_like(saved, device=self.membership.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "bins": self.bins, "descriptor_classes": self.descriptor_classes}
+        return {"bins": self.bins, "descriptor_classes": self.descriptor_classes}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if (state["bins"], state["descriptor_classes"]) != (self.bins, self.descriptor_classes):
@@ -217,7 +248,6 @@ class MAPElitesStrategy(M2N2Strategy):
                 f"the saved strategy has bins={state['bins']}, descriptor_classes={state['descriptor_classes']}; "
                 f"this one bins={self.bins}, descriptor_classes={self.descriptor_classes}"
             )
-        super().load_extra_state(state)
 
     def extra_repr(self) -> str:
         return (

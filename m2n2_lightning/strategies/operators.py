@@ -1,15 +1,11 @@
 """The M2N2 operators as pure tensor functions (see M2N2.md for the formulas).
 
 Every function works on tensors already on the device and never reads a value
-back to the host from an accelerator, so a step of the algorithm costs no
-synchronisation. Random numbers come from an explicit `torch.Generator`. At
-the paper's sizes a step is a few dozen small kernels, so on the CPU their
-count sets the speed: each function uses as few as the formula allows, and
-where the tensors live on the CPU (where reading a value back is free) the
-crossover and the archive update read the split points and the dropped row
-to use slices and row copies instead of masks over D. Both ways give
-bit-identical results (tests/test_speed_paths.py); the timings are in
-benchmarks/RESULTS.md.
+back to the host, so a step of the algorithm costs no synchronisation (the
+one exception, `combine_by_slices`, takes host split points and is chosen by
+the archive's storage, `Archive.host_side`). Random numbers come from an
+explicit `torch.Generator`. At the paper's sizes a step is a few dozen small
+kernels, so each function uses as few as the formula allows.
 """
 
 from __future__ import annotations
@@ -88,15 +84,18 @@ def sample_parents(
     return first, second
 
 
-def slerp_coefficients(a: Tensor, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Weights (c_a, c_b) of the SLERP child c_a a + c_b b for rows of a, b [k, D] and ratios t [k, m].
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """cos(Omega) = <a/|a|, b/|b|> per row pair of a, b [k, D] (one angle for the whole vectors)."""
+    return torch.linalg.vecdot(a, b) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))
 
-    One angle per pair, cos(Omega) = <a/|a|, b/|b|> clipped to [-1, 1]:
-    c_a = sin((1 - t) Omega) / sin(Omega), c_b = sin(t Omega) / sin(Omega); where
-    sin(Omega) <= 1e-6 (or undefined) the mix is linear: c_a = 1 - t, c_b = t.
+
+def slerp_weights(cos: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights (c_a, c_b) [k, m] of the SLERP child c_a a + c_b b, for cos(Omega) [k] and ratios t [k, m].
+
+    cos is clipped to [-1, 1]; c_a = sin((1 - t) Omega) / sin(Omega), c_b = sin(t Omega) / sin(Omega);
+    where sin(Omega) <= 1e-6 (or undefined) the mix is linear: c_a = 1 - t, c_b = t.
     """
-    cos = torch.linalg.vecdot(a, b) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))
-    omega = cos.clamp_(-1.0, 1.0).arccos_().unsqueeze(-1)
+    omega = cos.clamp(-1.0, 1.0).arccos_().unsqueeze(-1)
     sin = omega.sin()
     linear = torch.cat([1 - t, t], dim=-1)  # c_a then c_b, in one tensor: half the small kernels
     coefficients = torch.where(sin > SLERP_EPS, (linear * omega).sin_().div_(sin), linear)
@@ -106,57 +105,33 @@ def slerp_coefficients(a: Tensor, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor]
 def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
     """Spherical interpolation of rows of a and b [k, D] with ratios t ([k, D] or [k, 1]).
 
-    See `slerp_coefficients`; where sin(Omega) <= 1e-6 the mix is linear: (1 - t) a + t b.
+    See `slerp_weights`; where sin(Omega) <= 1e-6 the mix is linear: (1 - t) a + t b.
     """
-    coef_a, coef_b = slerp_coefficients(a, b, t)
+    coef_a, coef_b = slerp_weights(cosine(a, b), t)
     return (coef_a * a).add_(coef_b * b)
 
 
-def split_point_ratios(weight: Tensor, split: Tensor | None, dim: int) -> Tensor:
-    """Mixing ratios t [k, D]: w before the split point, 1 - w from it on.
-
-    Without a split point (the ablation) t = w everywhere, returned as [k, 1].
-    The entry-by-entry form of the definition; `crossover` uses its two values
-    directly (the tests check the two against each other).
-    """
-    weight = weight.unsqueeze(-1)
-    if split is None:
-        return weight
-    before = torch.arange(dim, device=weight.device) < split.unsqueeze(-1)
-    return torch.where(before, weight, 1 - weight)
-
-
-def crossover(
-    a: Tensor, b: Tensor, generator: torch.Generator, use_split_point: bool = True
-) -> Tensor:
-    """Split-point SLERP children of parent rows a and b [k, D].
-
-    Draws the split point k ~ U{0..D-1} (when used) and then w ~ U(0, 1) per child.
-    The ratio takes two values only (w before the split, 1 - w from it on), so the
-    sines are evaluated once per child and each entry just picks its pair of weights.
-    """
-    k, dim = a.shape
+def crossover_draws(
+    num_children: int, num_params: int, generator: torch.Generator, use_split_point: bool, like: Tensor
+) -> tuple[Tensor | None, Tensor]:
+    """The random part of a split-point SLERP: split points k ~ U{0..D-1} [m] (None without
+    a split point) and then mixing ratios w ~ U(0, 1) [m, 1] in the dtype of `like`."""
     split = None
     if use_split_point:
-        split = torch.randint(0, dim, (k,), generator=generator, device=a.device)
-    weight = torch.rand(k, generator=generator, device=a.device, dtype=a.dtype).unsqueeze(-1)
-    if split is None:
-        return slerp(a, b, weight)
-    coef_a, coef_b = slerp_coefficients(a, b, torch.cat([weight, 1 - weight], dim=-1))
-    if a.device.type == "cpu":
-        return children_by_slices(a, b, coef_a, coef_b, split.tolist())
-    return children_by_mask(a, b, coef_a, coef_b, split)
+        split = torch.randint(0, num_params, (num_children,), generator=generator, device=like.device)
+    weight = torch.rand(num_children, generator=generator, device=like.device, dtype=like.dtype).unsqueeze(-1)
+    return split, weight
 
 
-def children_by_mask(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split: Tensor) -> Tensor:
+def combine_by_mask(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split: Tensor) -> Tensor:
     """c_a a + c_b b with the weights [k, 2] of each child taken before / from its split point [k]."""
     before = torch.arange(a.shape[1], device=a.device) < split.unsqueeze(-1)
     child = torch.where(before, coef_a[:, :1], coef_a[:, 1:]).mul_(a)
     return child.add_(torch.where(before, coef_b[:, :1], coef_b[:, 1:]).mul_(b))
 
 
-def children_by_slices(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split: list[int]) -> Tensor:
-    """`children_by_mask` with host split points: two slices per child, the same products and sums."""
+def combine_by_slices(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split: list[int]) -> Tensor:
+    """`combine_by_mask` with host split points: two slices per child, the same products and sums."""
     child = torch.empty_like(a)
     for out, a_row, b_row, cut, weights_a, weights_b in zip(child, a, b, split, coef_a.tolist(), coef_b.tolist()):
         for part, columns in enumerate((slice(0, cut), slice(cut, None))):
@@ -173,7 +148,7 @@ def mutate(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
 
 
 def worst_after_insert(scores: Tensor, new_scores: Tensor, alpha: float, capacity: Tensor | None = None) -> Tensor:
-    """Index of the row dropped when `new_scores` [N] joins `scores` [P, N].
+    """Index of the row dropped when `new_scores` [N] joins `scores` [P, N] (replace the worst).
 
     Niche fitness is recomputed over the P + 1 rows; the lowest fitness is dropped,
     the first one on ties. Returns a 0-dim tensor; P means the newcomer itself.
@@ -181,50 +156,3 @@ def worst_after_insert(scores: Tensor, new_scores: Tensor, alpha: float, capacit
     extended = torch.cat([scores, new_scores.unsqueeze(0)])
     fitness, _ = niche_fitness(extended, alpha, capacity)
     return fitness.argmin()
-
-
-def replace_worst(
-    archive: Tensor,
-    scores: Tensor,
-    occupied: Tensor,
-    child: Tensor,
-    child_scores: Tensor,
-    alpha: float,
-    capacity: Tensor | None = None,
-    valid: Tensor | None = None,
-) -> Tensor:
-    """Insert a child by the replace-the-worst rule, in place.
-
-    If the dropped row is the child, or `valid` (a 0-dim bool) is False, the
-    archive is left as it was. Returns the dropped index (0-dim tensor;
-    archive size P means the child was rejected by the rule).
-    """
-    worst = worst_after_insert(scores, child_scores, alpha, capacity)
-    insert = insert_on_host if archive.device.type == "cpu" else insert_on_device
-    insert(archive, scores, occupied, child, child_scores, worst, valid)
-    return worst
-
-
-def insert_on_device(
-    archive: Tensor, scores: Tensor, occupied: Tensor, child: Tensor, child_scores: Tensor, worst: Tensor, valid: Tensor | None
-) -> None:
-    """Write the child into row `worst` unless it is P or `valid` is False, without a host sync."""
-    accept = worst < archive.shape[0]
-    if valid is not None:
-        accept = accept & valid
-    slot = worst.clamp(max=archive.shape[0] - 1).reshape(1)
-    # 1-dim index tensors throughout: a 0-dim one would be read back to the host.
-    archive.index_copy_(0, slot, torch.where(accept, child.unsqueeze(0), archive.index_select(0, slot)))
-    scores.index_copy_(0, slot, torch.where(accept, child_scores.unsqueeze(0), scores.index_select(0, slot)))
-    occupied.index_copy_(0, slot, occupied.index_select(0, slot) | accept)
-
-
-def insert_on_host(
-    archive: Tensor, scores: Tensor, occupied: Tensor, child: Tensor, child_scores: Tensor, worst: Tensor, valid: Tensor | None
-) -> None:
-    """`insert_on_device` with the row read back: three row copies (for CPU tensors)."""
-    row = int(worst)
-    if row < archive.shape[0] and (valid is None or bool(valid)):
-        archive[row] = child
-        scores[row] = child_scores
-        occupied[row] = True

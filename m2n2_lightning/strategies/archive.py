@@ -1,0 +1,139 @@
+"""The archive a population strategy keeps: members, their scores, which slots are filled.
+
+`Archive` is the dense storage: members [P, D], scores [P, N] and occupancy
+[P] as buffers on the device (M2N2.md, "Objects"; empty slots hold zeros and
+all-zero scores). A strategy reads members by index, reads the scores, makes
+children from pairs of members and writes a row; it never touches the storage
+itself, so other storages (coefficients over seed models, host memory) can
+take its place behind the same methods.
+
+Speed: at the paper's sizes a step is a few dozen small kernels. Where the
+buffers live on the CPU, reading a value back to the host is free, so
+`children` and `write` read the split points and the slot and use slices and
+row copies; on an accelerator they use masks and never synchronise. Both ways
+give bit-identical results (tests/test_speed_paths.py). `host_side` is that
+one choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from m2n2_lightning.strategies import operators as ops
+
+
+class Archive(nn.Module):
+    """Dense storage of P members of D parameters and their scores on N resources.
+
+    N is fixed by `allocate` when the strategy starts; a state_dict of a
+    started archive brings its own N.
+    """
+
+    def __init__(self, capacity: int, num_params: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.num_params = num_params
+        self.register_buffer("members", torch.zeros(capacity, num_params, dtype=dtype))
+        self.register_buffer("scores", torch.zeros(capacity, 0))
+        self.register_buffer("occupied", torch.zeros(capacity, dtype=torch.bool))
+
+    @property
+    def num_resources(self) -> int:
+        return self.scores.shape[1]
+
+    @property
+    def host_side(self) -> bool:
+        """Whether the storage is in host memory, where reading values back costs nothing."""
+        return self.members.device.type == "cpu"
+
+    def allocate(self, num_resources: int) -> None:
+        """Fix N: all-zero scores [P, N] for the (still empty) slots."""
+        self.scores = torch.zeros(self.capacity, num_resources, device=self.scores.device)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Members [m, D] at the slots `index` [m]."""
+        return self.members.index_select(0, index)
+
+    def children(self, first: Tensor, second: Tensor, split: Tensor | None, weight: Tensor) -> Tensor:
+        """Split-point SLERP children [m, D] of the member pairs (first[i], second[i]).
+
+        `weight` [m, 1] is the mixing ratio w, `split` [m] the split point (None:
+        w everywhere, the ablation). The ratio takes two values only (w before the
+        split, 1 - w from it on), so the sines are evaluated once per child.
+        """
+        a, b = self.rows(first), self.rows(second)
+        if split is None:
+            return ops.slerp(a, b, weight)
+        coef_a, coef_b = ops.slerp_weights(ops.cosine(a, b), torch.cat([weight, 1 - weight], dim=-1))
+        if self.host_side:
+            return ops.combine_by_slices(a, b, coef_a, coef_b, split.tolist())
+        return ops.combine_by_mask(a, b, coef_a, coef_b, split)
+
+    @torch.no_grad()
+    def write(self, slot: Tensor, member: Tensor, member_scores: Tensor, accept: Tensor | None = None) -> None:
+        """Put `member` [D] and its scores [N] into `slot` (a 0-dim or one-element index).
+
+        Nothing changes when `slot` is P or more (the newcomer lost) or `accept` is False.
+        """
+        if self.host_side:
+            row = int(slot)
+            if row < self.capacity and (accept is None or bool(accept)):
+                self.members[row] = member
+                self.scores[row] = member_scores
+                self.occupied[row] = True
+            return
+        keep = slot < self.capacity
+        if accept is not None:
+            keep = keep & accept
+        index = slot.clamp(max=self.capacity - 1).reshape(1)
+        # 1-dim index tensors throughout: a 0-dim one would be read back to the host.
+        self.members.index_copy_(0, index, torch.where(keep, member.unsqueeze(0), self.members.index_select(0, index)))
+        self.scores.index_copy_(0, index, torch.where(keep, member_scores.unsqueeze(0), self.scores.index_select(0, index)))
+        self.occupied.index_copy_(0, index, self.occupied.index_select(0, index) | keep)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # N is fixed when a run starts: an archive that has not started takes the saved one.
+        saved = state_dict.get(prefix + "scores")
+        if saved is not None and self.num_resources == 0 and saved.dim() == 2 and saved.shape[0] == self.capacity:
+            self.allocate(saved.shape[1])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def initial_members(
+    num_params: int,
+    init_models: Sequence[Tensor] | None,
+    init_sigma: float,
+    generator: torch.Generator,
+    like: Tensor,
+) -> Tensor:
+    """The members a run starts from: the given seed models, or two random N(0, sigma^2) ones (M2N2.md)."""
+    if init_models is not None:
+        return torch.stack([model.to(like) for model in init_models])
+    noise = torch.randn(2, num_params, generator=generator, device=like.device, dtype=like.dtype)
+    return noise * init_sigma
+
+
+def seed_vectors(init_models: Sequence[nn.Module | Tensor] | None, num_params: int) -> list[Tensor] | None:
+    """Seed models as flat [D] vectors, checked to have D parameters (ValueError naming the one that differs)."""
+    if init_models is None:
+        return None
+    if len(init_models) < 2:
+        raise ValueError(f"init_models must hold two or more models to merge, got {len(init_models)}")
+    vectors = []
+    for i, model in enumerate(init_models):
+        vector = (
+            torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            if isinstance(model, nn.Module)
+            else torch.as_tensor(model).detach().reshape(-1)
+        )
+        if vector.numel() != num_params:
+            raise ValueError(
+                f"init_models[{i}] has {vector.numel()} parameters but the model being evolved has {num_params}; "
+                "give models of the same architecture"
+            )
+        vectors.append(vector)
+    return vectors
