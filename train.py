@@ -34,7 +34,8 @@ def main(cfg: DictConfig) -> dict:
     # Construction validates every setting, before any data is read or step is run:
     # the strategy config is a factory (`_partial_: true`), called with the model's D.
     model = instantiate(cfg.model)
-    strategy = build_strategy(instantiate(cfg.strategy), FlatParams(model).num_params)
+    flat = FlatParams(model)
+    strategy = build_strategy(instantiate(cfg.strategy), flat.num_params, layout=flat.layout)
     max_steps = steps_for(cfg.forward_passes, strategy.candidates_per_step)
     module = EvolutionModule(model, strategy, **cfg.module)
     datamodule = instantiate(cfg.data)

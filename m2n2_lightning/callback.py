@@ -142,7 +142,7 @@ class M2N2Callback(Callback):
         seeds = None
         if self.init_from is not None:
             seeds = [self._seed_vector(target, flat, source, i) for i, source in enumerate(self.init_from)]
-        strategy = build_strategy(self.strategy_spec, flat.num_params, seeds)
+        strategy = build_strategy(self.strategy_spec, flat.num_params, seeds, flat.layout)
         self.engine = EvolutionEngine(
             target, strategy, self.score_fn, self.chunk_size, self.block_size, precision_dtype(trainer), flat
         )

@@ -72,6 +72,11 @@ class FlatParams:
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
 
+    @property
+    def layout(self) -> list[tuple[str, int]]:
+        """(name, numel) of each parameter in vector order (what `chromosomes` patterns are matched against)."""
+        return [(s.name, s.numel) for s in self.specs]
+
     def flatten(self, module: nn.Module) -> Tensor:
         """The module's current values of the vector's parameters as one detached vector [D]."""
         return torch.cat([p.detach().reshape(-1) for p in self.parameters_of(module)])

@@ -9,7 +9,7 @@ take its place behind the same methods.
 
 Speed: at the paper's sizes a step is a few dozen small kernels. Where the
 buffers live on the CPU, reading a value back to the host is free, so
-`children` and `write` read the split points and the slot and use slices and
+`crossover` and `write` read the split points and the slot and use slices and
 row copies; on an accelerator they use masks and never synchronise. Both ways
 give bit-identical results (tests/test_speed_paths.py). `host_side` is that
 one choice.
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from m2n2_lightning.strategies import operators as ops
+from m2n2_lightning.strategies.chromosomes import Piece
 
 
 class Archive(nn.Module):
@@ -46,19 +47,24 @@ class Archive(nn.Module):
         return self.scores.shape[1]
 
     @property
+    def like(self) -> Tensor:
+        """A tensor of the members' dtype and device (for random draws and casts)."""
+        return self.members
+
+    @property
     def host_side(self) -> bool:
         """Whether the storage is in host memory, where reading values back costs nothing."""
         return self.members.device.type == "cpu"
 
     def allocate(self, num_resources: int) -> None:
         """Fix N: all-zero scores [P, N] for the (still empty) slots."""
-        self.scores = torch.zeros(self.capacity, num_resources, device=self.scores.device)
+        self.scores = self.scores.new_zeros(self.capacity, num_resources)
 
     def rows(self, index: Tensor) -> Tensor:
         """Members [m, D] at the slots `index` [m]."""
         return self.members.index_select(0, index)
 
-    def children(self, first: Tensor, second: Tensor, split: Tensor | None, weight: Tensor) -> Tensor:
+    def crossover(self, first: Tensor, second: Tensor, split: Tensor | None, weight: Tensor) -> Tensor:
         """Split-point SLERP children [m, D] of the member pairs (first[i], second[i]).
 
         `weight` [m, 1] is the mixing ratio w, `split` [m] the split point (None:
@@ -72,6 +78,29 @@ class Archive(nn.Module):
         if self.host_side:
             return ops.combine_by_slices(a, b, coef_a, coef_b, split.tolist())
         return ops.combine_by_mask(a, b, coef_a, coef_b, split)
+
+    def crossover_by_pieces(
+        self, first: Tensor, second: Tensor, pieces: Sequence[Sequence[Piece]], ratios: Tensor, per_part: bool
+    ) -> Tensor:
+        """SLERP children [m, D] of (first[i], second[i]) made piece by piece (`chromosomes`).
+
+        Each piece (start, stop, label) of child i mixes its range with ratio
+        `ratios[i, label]`; the angle is the whole vectors' one, or with
+        `per_part` the one between the parents' sub-vectors of that label.
+        """
+        a, b = self.rows(first), self.rows(second)
+        child = torch.empty_like(a)
+        for i, child_pieces in enumerate(pieces):
+            t = ratios[i].unsqueeze(-1)
+            if per_part:
+                cos = part_cosines(a[i], b[i], child_pieces, len(t))
+            else:
+                cos = ops.cosine(a[i : i + 1], b[i : i + 1]).expand(len(t))
+            coef_a, coef_b = (c.flatten().tolist() for c in ops.slerp_weights(cos, t))
+            for start, stop, label in child_pieces:
+                torch.mul(a[i, start:stop], coef_a[label], out=child[i, start:stop])
+                child[i, start:stop].add_(b[i, start:stop] * coef_b[label])
+        return child
 
     @torch.no_grad()
     def write(self, slot: Tensor, member: Tensor, member_scores: Tensor, accept: Tensor | None = None) -> None:
@@ -101,6 +130,15 @@ class Archive(nn.Module):
         if saved is not None and self.num_resources == 0 and saved.dim() == 2 and saved.shape[0] == self.capacity:
             self.allocate(saved.shape[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def part_cosines(a: Tensor, b: Tensor, pieces: Sequence[Piece], num_labels: int) -> Tensor:
+    """cos(Omega) [L] between the sub-vectors of a and b [D] that carry each label (NaN for an empty label)."""
+    sums = a.new_zeros(3, num_labels)
+    for start, stop, label in pieces:
+        x, y = a[start:stop], b[start:stop]
+        sums[:, label] += torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)])
+    return sums[0] / (sums[1].sqrt() * sums[2].sqrt())
 
 
 def initial_members(

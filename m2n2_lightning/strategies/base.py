@@ -18,6 +18,7 @@ call with `num_params=D` (and `init_models=[...]` when merging), e.g.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -226,11 +227,18 @@ class Strategy(nn.Module):
 StrategySpec = Strategy | Callable[..., Strategy]
 
 
-def build_strategy(spec: StrategySpec, num_params: int, init_models: Sequence[Tensor] | None = None) -> Strategy:
+def build_strategy(
+    spec: StrategySpec,
+    num_params: int,
+    init_models: Sequence[Tensor] | None = None,
+    layout: Sequence[tuple[str, int]] | None = None,
+) -> Strategy:
     """The strategy for a model of D = `num_params`: `spec` itself, or `spec(num_params=D[, init_models=...])`.
 
-    A built strategy must already have that D, and cannot receive seed models
-    (they are constructor arguments): pass a factory then.
+    A factory whose strategy takes a `layout` (the parameter names and sizes,
+    for chromosome patterns) also receives `layout`. A built strategy must
+    already have that D, and cannot receive seed models (they are constructor
+    arguments): pass a factory then.
     """
     if isinstance(spec, Strategy):
         if spec.num_params != num_params:
@@ -248,7 +256,10 @@ def build_strategy(spec: StrategySpec, num_params: int, init_models: Sequence[Te
         return spec
     if not callable(spec):
         raise ValueError(f"strategy must be a Strategy or a factory returning one, got {spec!r}")
-    strategy = spec(num_params=num_params, **({} if init_models is None else {"init_models": list(init_models)}))
+    extra: dict[str, Any] = {} if init_models is None else {"init_models": list(init_models)}
+    if layout is not None and "layout" in inspect.signature(spec).parameters:
+        extra.setdefault("layout", list(layout))
+    strategy = spec(num_params=num_params, **extra)
     if not isinstance(strategy, Strategy):
         raise ValueError(f"the strategy factory {spec!r} returned {type(strategy).__name__}, not a Strategy")
     return strategy

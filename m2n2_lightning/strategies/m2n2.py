@@ -17,9 +17,28 @@ from torch import Tensor, nn
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.archive import Archive, initial_members, seed_vectors
 from m2n2_lightning.strategies.base import ScoreCandidates, Strategy, check_non_negative, check_positive_int
+from m2n2_lightning.strategies.chromosomes import Chromosomes, check_slerp_angle
 
 #: The paper's mutation and initialisation scale when evolving from scratch.
 PAPER_SIGMA = 0.01
+#: Per-example capacities of the general fitness (eq. 5): c_j = 1, or c_j = max_i s_ij.
+CAPACITIES = ("unit", "max")
+
+
+def occupied_row(occupied: Tensor) -> Tensor:
+    """[1] True: the newcomer's row in the occupancy of archive + child."""
+    return occupied.new_ones(1)
+
+
+def uniform_pairs(occupied: Tensor, num_pairs: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Parent pairs for the warm-up: a uniform among occupied slots, b uniform among the others
+    (a itself where a is the only one)."""
+    uniforms = torch.rand(num_pairs, 2, generator=generator, device=occupied.device)
+    weights = occupied.to(uniforms.dtype)
+    first = ops.sample_categorical(weights, uniforms[:, 0])
+    others = weights.expand(num_pairs, -1).scatter(1, first.unsqueeze(1), 0.0)
+    others = torch.where(others.sum(dim=1, keepdim=True) > 0, others, weights.expand_as(others))
+    return first, ops.sample_categorical(others, uniforms[:, 1])
 
 
 class M2N2Strategy(Strategy):
@@ -41,6 +60,29 @@ class M2N2Strategy(Strategy):
         seed: seed of the strategy's generator.
         validate_scores: check told scores for NaN and range before any state
             changes (one fused reduction and one host sync per tell).
+        capacity: the per-example capacity c_j of the paper's general fitness
+            (eq. 5): "unit" (c_j = 1, the reference, for right/wrong scores) or
+            "max" (c_j = max_i s_ij, for continuous scores), the maximum taken
+            over the rows being compared: the archive when parents are chosen,
+            the archive plus the child when the worst row is dropped. It
+            weights the fitness, the attraction and the update alike.
+        score_shift: subtract from each example's scores the lowest score the
+            occupied rows have on it before the fitness (section 4.3), over the
+            same rows as `capacity`; empty slots are then filled before any
+            member is dropped.
+        warmup_steps: the first this many children (forward passes) come from
+            parent pairs drawn uniformly among the occupied members, two distinct
+            ones where there are two, by split-point SLERP without mutation
+            (section 4.2: the seeds merge at random among themselves); they
+            count towards the budget.
+        chromosomes: name patterns (fnmatch, e.g. ["*attn*"]) of parameter
+            groups that each get their own split point and ratio; the
+            parameters no pattern matches form one more group. Needs `layout`
+            (the entry points pass it). None: one group (the reference).
+        layout: (name, numel) of the parameters in vector order
+            (`FlatParams.layout`), to resolve `chromosomes`.
+        slerp_angle: "whole" (one angle between the whole parents, the
+            reference code) or "per_part" (one per sub-array, equation 2).
 
     `start(score)` scores the initial members (two random ones, or the given
     models) and inserts them by the update rule; they do not count as forward passes.
@@ -60,8 +102,32 @@ class M2N2Strategy(Strategy):
         init_models: Sequence[nn.Module | Tensor] | None = None,
         seed: int = 0,
         validate_scores: bool = True,
+        capacity: str = "unit",
+        score_shift: bool = False,
+        warmup_steps: int = 0,
+        chromosomes: Sequence[str] | None = None,
+        layout: Sequence[tuple[str, int]] | None = None,
+        slerp_angle: str = "whole",
     ) -> None:
         super().__init__(num_params, seed=seed, validate_scores=validate_scores)
+        if capacity not in CAPACITIES:
+            raise ValueError(f"capacity must be one of {CAPACITIES}, got {capacity!r}")
+        self.capacity = capacity
+        self.score_shift = bool(score_shift)
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, 0)
+        self.slerp_angle = check_slerp_angle(slerp_angle)
+        self.chromosome_patterns = None if chromosomes is None else list(chromosomes)
+        if chromosomes is None:
+            self.chromosomes = Chromosomes.whole(num_params)
+        elif layout is None:
+            raise ValueError(
+                "chromosomes are parameter name patterns, which need the parameter layout: build the strategy "
+                "through M2N2Callback / EvolutionModule / train.py, or pass layout=FlatParams(model).layout"
+            )
+        else:
+            self.chromosomes = Chromosomes.from_patterns(layout, chromosomes)
+            if sum(self.chromosomes.sizes) != num_params:
+                raise ValueError(f"the layout covers {sum(self.chromosomes.sizes)} parameters, not D = {num_params}")
         self.pop_size = check_positive_int("pop_size", pop_size, 2)
         self.alpha = check_non_negative("alpha", alpha)
         self.children_per_step = check_positive_int("children_per_step (k)", children_per_step, 1)
@@ -90,9 +156,32 @@ class M2N2Strategy(Strategy):
     def candidates_per_step(self) -> int:
         return self.children_per_step
 
+    @property
+    def exact_default(self) -> bool:
+        """Whether the fitness is the reference's (unit capacity, no shift), with its faster update."""
+        return self.capacity == "unit" and not self.score_shift
+
     def fitness(self) -> tuple[Tensor, Tensor]:
         """Current niche fitness [P] and shares [P, N] of the archive."""
-        return ops.niche_fitness(self.archive.scores, self.alpha)
+        return self._niche(self.archive.scores, self.archive.occupied)
+
+    def _niche(self, scores: Tensor, occupied: Tensor) -> tuple[Tensor, Tensor]:
+        """The general fitness (eq. 5) of rows `scores`: shifted, then weighted by their capacity."""
+        if self.score_shift:
+            scores = ops.shift_scores(scores, occupied)
+        capacity = scores.amax(dim=0) if self.capacity == "max" else None
+        return ops.niche_fitness(scores, self.alpha, capacity)
+
+    def _dropped_row(self, child_scores: Tensor) -> Tensor:
+        """The row replace-the-worst drops when the child joins (P: the child itself)."""
+        if self.exact_default:
+            return ops.worst_after_insert(self.archive.scores, child_scores, self.alpha)
+        scores = torch.cat([self.archive.scores, child_scores.unsqueeze(0)])
+        occupied = torch.cat([self.archive.occupied, occupied_row(self.archive.occupied)])
+        fitness, _ = self._niche(scores, occupied)
+        if self.score_shift:  # empty slots first: a shifted member can have fitness 0 too
+            fitness = torch.where(occupied, fitness, -1.0)
+        return fitness.argmin()
 
     def population(self) -> tuple[Tensor, Tensor]:
         """Scores and niche fitness of the occupied members (a host sync: for logging)."""
@@ -101,7 +190,7 @@ class M2N2Strategy(Strategy):
         return self.archive.scores[occupied], fitness[occupied]
 
     def _start(self, score: ScoreCandidates) -> None:
-        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.members)
+        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.like)
         scores = score(members)
         self.check_scores(scores)
         self.num_resources = scores.shape[1]
@@ -112,20 +201,34 @@ class M2N2Strategy(Strategy):
     def ask(self, k: int | None = None) -> Tensor:
         k = self.check_k(k)
         generator = self.generator
+        warmup = self.forward_passes < self.warmup_steps
         # The temporaries need no autograd bookkeeping; the returned children are made outside.
         with torch.inference_mode():
-            fitness, shares = self.fitness()
-            first, second = ops.sample_parents(fitness, shares, self.archive.occupied, k, generator, self.use_matchmaker)
-            if self.use_crossover:
-                split, weight = ops.crossover_draws(
-                    k, self.num_params, generator, self.use_split_point, self.archive.members
-                )
-                children = self.archive.children(first, second, split, weight)
+            if warmup:
+                first, second = uniform_pairs(self.archive.occupied, k, generator)
+            else:
+                fitness, shares = self.fitness()
+                first, second = ops.sample_parents(fitness, shares, self.archive.occupied, k, generator, self.use_matchmaker)
+            if self.use_crossover or warmup:
+                children = self._crossover(first, second, k, generator)
             else:
                 children = self.archive.rows(first)
-        if self.mutation_sigma == 0:
+        if self.mutation_sigma == 0 or warmup:
             return children.clone()
         return ops.mutate(children, self.mutation_sigma, generator)
+
+    def _crossover(self, first: Tensor, second: Tensor, k: int, generator: torch.Generator) -> Tensor:
+        """Split-point SLERP children: the reference's exact path for one group and the whole angle,
+        else piece by piece (`chromosomes`)."""
+        members = self.archive.like
+        if len(self.chromosomes.groups) == 1 and self.slerp_angle == "whole":
+            split, weight = ops.crossover_draws(k, self.num_params, generator, self.use_split_point, members)
+            return self.archive.crossover(first, second, split, weight)
+        split, weight = self.chromosomes.draw(k, generator, self.use_split_point, members)
+        rows = [None] * k if split is None else split.tolist()
+        pieces = [self.chromosomes.pieces(row) for row in rows]
+        ratios = self.chromosomes.ratios(weight)
+        return self.archive.crossover_by_pieces(first, second, pieces, ratios, self.slerp_angle == "per_part")
 
     @torch.no_grad()
     def _tell(self, candidates: Tensor, scores: Tensor) -> None:
@@ -134,10 +237,9 @@ class M2N2Strategy(Strategy):
 
     def _insert(self, candidates: Tensor, scores: Tensor) -> None:
         """Insert the rows one by one by the replace-the-worst rule (M2N2.md, "Archive update")."""
-        candidates, scores = candidates.to(self.archive.members), scores.to(self.archive.scores)
+        candidates, scores = candidates.to(self.archive.like), scores.to(self.archive.scores)
         for child, child_scores in zip(candidates, scores):
-            worst = ops.worst_after_insert(self.archive.scores, child_scores, self.alpha)
-            self.archive.write(worst, child, child_scores)
+            self.archive.write(self._dropped_row(child_scores), child, child_scores)
 
     def best_index(self) -> Tensor:
         """Index (1-dim tensor of one) of the member with the highest mean score; first on ties."""
@@ -162,6 +264,11 @@ class M2N2Strategy(Strategy):
             "init_sigma": self.init_sigma,
             "children_per_step": self.children_per_step,
             "seed_models": 0 if self.init_models is None else len(self.init_models),
+            "capacity": self.capacity,
+            "score_shift": self.score_shift,
+            "warmup_steps": self.warmup_steps,
+            "chromosomes": self.chromosome_patterns,
+            "slerp_angle": self.slerp_angle,
         }
 
     def extra_repr(self) -> str:

@@ -187,7 +187,7 @@ class MAPElitesStrategy(Strategy):
             raise ValueError(f"scores cover N = {scores.shape[1]} resources but {self.membership.shape[1]} labels were given")
 
     def _start(self, score: ScoreCandidates) -> None:
-        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.members)
+        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.like)
         scores = score(members)
         self.check_scores(scores)
         self.num_resources = scores.shape[1]
@@ -198,8 +198,8 @@ class MAPElitesStrategy(Strategy):
     def ask(self, k: int | None = None) -> Tensor:
         k = self.check_k(k)
         first, second = sample_elite_parents(self.quality(), self.archive.occupied, k, self.generator)
-        split, weight = ops.crossover_draws(k, self.num_params, self.generator, True, self.archive.members)
-        return ops.mutate(self.archive.children(first, second, split, weight), self.mutation_sigma, self.generator)
+        split, weight = ops.crossover_draws(k, self.num_params, self.generator, True, self.archive.like)
+        return ops.mutate(self.archive.crossover(first, second, split, weight), self.mutation_sigma, self.generator)
 
     @torch.no_grad()
     def _tell(self, candidates: Tensor, scores: Tensor) -> None:
@@ -209,7 +209,7 @@ class MAPElitesStrategy(Strategy):
     def _insert(self, candidates: Tensor, scores: Tensor) -> None:
         """Each child becomes its cell's elite if the cell is empty or its quality is strictly higher."""
         archive = self.archive
-        candidates, scores = candidates.to(archive.members), scores.to(archive.scores)
+        candidates, scores = candidates.to(archive.like), scores.to(archive.scores)
         for child, child_scores, cell in zip(candidates, scores, self.cells(scores)):
             accept = ~archive.occupied[cell] | (child_scores.mean() > archive.scores[cell].mean())
             archive.write(cell, child, child_scores, accept)

@@ -32,6 +32,14 @@ def niche_fitness(scores: Tensor, alpha: float, capacity: Tensor | None = None) 
     return shares.sum(dim=1), shares
 
 
+def shift_scores(scores: Tensor, occupied: Tensor) -> Tensor:
+    """Scores [P, N] minus, per example, the lowest score among the occupied rows (section 4.3 of the
+    paper, to sharpen small differences of continuous scores); unoccupied rows stay 0."""
+    lowest = torch.where(occupied.unsqueeze(1), scores, torch.inf).amin(dim=0)
+    lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)
+    return torch.where(occupied.unsqueeze(1), scores - lowest, 0.0)
+
+
 def attraction(shares: Tensor, first: Tensor) -> Tensor:
     """g_k = sum_j max(0, F_kj - F_aj) for each first parent a in `first` [m]: returns [m, P]."""
     return (shares.unsqueeze(0) - shares.index_select(0, first).unsqueeze(1)).clamp_min_(0).sum(dim=-1)
