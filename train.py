@@ -8,6 +8,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -16,70 +19,107 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from m2n2_lightning import EvolutionModule, FlatParams
+from m2n2_lightning.checkpointing import InterruptCheckpoint, load_checkpoint_file
 from m2n2_lightning.config import register_schema, steps_for
+from m2n2_lightning.progress import EvolutionProgressBar
+from m2n2_lightning.stopping import exit_code
 from m2n2_lightning.strategies.base import build_strategy
 
 register_schema()
+log = logging.getLogger("m2n2_lightning.train")
+
+
+def every(forward_passes: int, per_step: int) -> int:
+    """An interval in forward passes as a number of Lightning training steps (at least 1)."""
+    return max(1, forward_passes // per_step)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig) -> dict | float:
     """Build everything from the config (checks first), fit, test, and write the outputs."""
     out = Path(HydraConfig.get().runtime.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    # Construction validates every setting, before any data is read or step is run:
-    # the strategy config is a factory (`_partial_: true`), called with the model's D.
-    model = instantiate(cfg.model)
+    route_lightning_logs_to_hydra()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Every check before any data is read or step is run: the strategy config is a factory
+    # (`_partial_: true`), called with the model's D; the data module's constructor reads nothing.
+    if cfg.ckpt_path is not None:
+        load_checkpoint_file(cfg.ckpt_path)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, in_features=cfg.model.get("in_features") or datamodule.input_dim)
     flat = FlatParams(model)
     strategy = build_strategy(instantiate(cfg.strategy), flat.num_params, layout=flat.layout)
-    max_steps = steps_for(cfg.forward_passes, strategy.candidates_per_step)
-    module = EvolutionModule(model, strategy, **cfg.module)
-    datamodule = instantiate(cfg.data)
-    checkpoints = instantiate(cfg.checkpoint)
+    per_step = cfg.module.steps_per_batch * strategy.candidates_per_step  # forward passes per training step
+    module = EvolutionModule(
+        model, strategy, max_forward_passes=cfg.forward_passes, allow_resume_changes=cfg.allow_resume_changes,
+        **cfg.module,
+    )
+    checkpoints = instantiate(cfg.checkpoint, every_n_train_steps=every(cfg.checkpoint_every, per_step))
+    interrupted = InterruptCheckpoint(checkpoints.dirpath)
+    progress_bar = [EvolutionProgressBar(cfg.forward_passes)] if cfg.trainer.get("enable_progress_bar", True) else []
+    user_callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        max_steps=max_steps,
+        max_steps=steps_for(cfg.forward_passes, per_step),
+        log_every_n_steps=every(cfg.log_every, per_step),
+        val_check_interval=every(cfg.val_every, per_step),
+        **({} if getattr(datamodule, "val_size", 1) else {"limit_val_batches": 0}),
         logger=instantiate(cfg.logger),
-        callbacks=[checkpoints, OnExceptionCheckpoint(dirpath=checkpoints.dirpath, filename="interrupted")],
+        callbacks=[checkpoints, interrupted, *progress_bar, *user_callbacks],
     )
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    except SystemExit:  # Lightning's own exit after an interrupt (it has written the interrupt checkpoint)
+        stop = module.evolution.stop_signal
+        where = f"resume with ckpt_path={interrupted.saved}" if interrupted.saved else "no step was made, nothing saved"
+        print(f"Stopped by {signal.Signals(stop).name if stop else 'an interrupt'}: {where}", flush=True)
+        sys.exit(exit_code(stop) if stop else 1)
     wall = time.perf_counter() - start
-    if trainer.interrupted:
-        print(f"Interrupted: the last state is in {checkpoints.dirpath}/interrupted.ckpt")
-        return {}
+    trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt", weights_only=False)  # the final state, whatever the interval
     test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
     best_train = float(module.engine.metrics()["train/best_score"])
     if not trainer.is_global_zero:  # under DDP every rank holds the same result: rank zero writes it
         return {}
 
     torch.save(module.best_model().state_dict(), out / "best_model.pt")
+    done = strategy.forward_passes - module.evolution.forward_passes_at_start
     summary = {
         "strategy": HydraConfig.get().runtime.choices.get("strategy"),
         "experiment": HydraConfig.get().runtime.choices.get("experiment"),
-        "seed": cfg.seed,
+        "seed": strategy.seed,
         "forward_passes": strategy.forward_passes,
+        "forward_passes_this_run": done,
+        "resources": strategy.num_resources,
         "best_train_acc": best_train,
         "test_acc": test_acc,
         "wall_seconds": wall,
-        "forward_passes_per_second": strategy.forward_passes / wall,
-        "steps": trainer.global_step,
+        "forward_passes_per_second": done / wall,
+        "precision": str(trainer.precision),
+        "strategy_settings": strategy.settings(),
         "output_dir": str(out),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
-    print(
-        f"{summary['strategy']} (seed {cfg.seed}): {summary['forward_passes']} forward passes in "
-        f"{wall:.1f} s ({summary['forward_passes_per_second']:.0f}/s); best member: train accuracy "
-        f"{best_train:.4f}, test accuracy {test_acc:.4f}.\nOutputs in {out}: summary.json, "
-        f"best_model.pt, checkpoints/, logs/ (metrics, class_accuracy.png)."
+    log.info(
+        "%s (seed %d): %d forward passes in %.1f s (%.0f/s); best member: train accuracy %.4f, test accuracy %.4f.",
+        summary["strategy"], strategy.seed, done, wall, summary["forward_passes_per_second"], best_train, test_acc,
     )
-    return summary
+    log.info("Outputs in %s: summary.json, best_model.pt, checkpoints/, logs/ (metrics, plots).", out)
+    metric = cfg.get("optimized_metric")
+    return float(summary[metric]) if metric else summary
+
+
+def route_lightning_logs_to_hydra() -> None:
+    """Send Lightning's log records through the root logger, so Hydra's train.log holds them too."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ from m2n2_lightning.models import MLP
 from m2n2_lightning.module import EvolutionModule
 from m2n2_lightning.optimizer import EvolutionOptimizer
 from m2n2_lightning.params import FlatParams, NotVmappableError, population_forward
-from m2n2_lightning.strategies import CMAESStrategy, M2N2Strategy, MAPElitesStrategy, Strategy
+from m2n2_lightning.strategies import (
+    CMAESStrategy,
+    M2N2Strategy,
+    MAPElitesStrategy,
+    Strategy,
+)
 
 __all__ = [
     "CMAESStrategy",

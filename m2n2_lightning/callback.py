@@ -30,19 +30,42 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import signal
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+from m2n2_lightning.checkpointing import (
+    RESOURCES_CHANGED,
+    evolution_state,
+    resource_hash,
+    restore_evolution_state,
+    run_fingerprint,
+    use_atomic_checkpoints,
+)
 from m2n2_lightning.distributed import warn_if_wrapped
-from m2n2_lightning.engine import EvolutionEngine, collect_resources, log_evolution, precision_dtype, save_and_log_heatmap
+from m2n2_lightning.stopping import check_labels, install_stop_handlers, restore_handlers
+from m2n2_lightning.engine import (
+    EvolutionEngine,
+    collect_resources,
+    log_evolution,
+    precision_dtype,
+    save_and_log_heatmap,
+)
+from m2n2_lightning.evaluator import EvaluateFn
 from m2n2_lightning.optimizer import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
 from m2n2_lightning.sources import SeedSource, seed_parameters
 from m2n2_lightning.strategies import M2N2Strategy
-from m2n2_lightning.strategies.base import StrategySpec, build_strategy, check_positive_int
+from m2n2_lightning.strategies.base import (
+    StrategySpec,
+    build_strategy,
+    check_positive_int,
+)
 
 
 class M2N2Callback(Callback):
@@ -63,9 +86,17 @@ class M2N2Callback(Callback):
             callable `(outputs, batch) -> [k, N]` in [0, 1], where `outputs` is
             the module's output for k candidates (leading dimension k) and
             `batch` the resources `(x, y)` on the device.
-        resources: `(x, y)` tensors to score on; default: the datamodule's
+        evaluate: score by user code instead: `evaluate(module, batch) -> [B]`
+            in [0, 1], called with each candidate's weights loaded into the
+            module (in eval mode, under no_grad), so it may call `generate`,
+            run a tokenizer, an environment, a CLIP model: anything. Needs
+            `resources`, a fixed-order dataset or DataLoader (e.g. prompts with
+            answers as strings); under DDP each rank scores its contiguous shard.
+        resources: what the candidates are scored on: `(x, y)` tensors, or with
+            `evaluate` a Dataset / DataLoader; default: the datamodule's
             `train_tensors` when it has them, else up to `max_resources`
             examples collected once from the train dataloader.
+        resource_batch_size: batch size over a `resources` Dataset (a DataLoader keeps its own).
         max_resources: cap on the collected examples (None: all).
         chunk_size: candidates scored at once (None: all k together).
         block_size: examples scored per forward call (None: all of a rank's
@@ -79,6 +110,15 @@ class M2N2Callback(Callback):
             (default: they stay fixed and out of the flat vector).
         model: the submodule to evolve (default: the LightningModule itself).
         heatmap: at the end of fit, save the member-by-class accuracy heatmap.
+        allow_resume_changes: resume from a checkpoint even when the strategy's
+            class or settings, the parameter layout or the resources differ from
+            the checkpoint's (refused by default, naming every difference).
+
+    Stopping: SIGINT (Ctrl-C) and SIGTERM during fit stop the run at the next
+    evolution-step boundary (a second Ctrl-C stops at once, rolling the step
+    back), as a KeyboardInterrupt through Lightning's own handling, so an
+    `InterruptCheckpoint` / `OnExceptionCheckpoint` holds a consistent state
+    and resuming from it is exact. `stop_signal` then names the signal.
 
     After `fit`, the module's parameters hold the strategy's best member. The
     strategy's state (archive, scores, generator, counters) is the callback's
@@ -90,7 +130,9 @@ class M2N2Callback(Callback):
         strategy: StrategySpec | None = None,
         init_from: Sequence[SeedSource] | None = None,
         score_fn: str | ScoreFn = "correctness",
-        resources: tuple[Tensor, Tensor] | None = None,
+        evaluate: EvaluateFn | None = None,
+        resources: tuple[Tensor, Tensor] | Dataset | DataLoader | None = None,
+        resource_batch_size: int = 32,
         max_resources: int | None = 10_000,
         chunk_size: int | None = None,
         block_size: int | None = None,
@@ -99,6 +141,7 @@ class M2N2Callback(Callback):
         evolve_frozen: bool = False,
         model: nn.Module | None = None,
         heatmap: bool = True,
+        allow_resume_changes: bool = False,
     ) -> None:
         super().__init__()
         if init_from is not None and (isinstance(init_from, (str, Path)) or len(init_from) < 2):
@@ -107,6 +150,14 @@ class M2N2Callback(Callback):
         for name, value in (("max_resources", max_resources), ("chunk_size", chunk_size), ("block_size", block_size)):
             if value is not None:
                 check_positive_int(name, value, 1)
+        if evaluate is not None and (resources is None or isinstance(resources, (tuple, list))):
+            raise ValueError(
+                "evaluate=... scores each candidate on a fixed-order Dataset or DataLoader: pass it as resources=..."
+            )
+        if evaluate is not None and not callable(evaluate):
+            raise ValueError(f"evaluate must be a callable (module, batch) -> scores [B], got {evaluate!r}")
+        self.evaluate = evaluate
+        self.resource_batch_size = check_positive_int("resource_batch_size", resource_batch_size, 1)
         self.strategy_spec = strategy if strategy is not None else M2N2Strategy
         self.init_from = list(init_from) if init_from is not None else None
         self.score_fn = score_fn
@@ -122,8 +173,16 @@ class M2N2Callback(Callback):
         self.model = model
         self.heatmap = heatmap
         self.heatmap_path: Path | None = None
+        self.allow_resume_changes = bool(allow_resume_changes)
         self.engine: EvolutionEngine | None = None
+        #: The signal that stopped the run (signal.SIGINT / SIGTERM), else None.
+        self.stop_signal: int | None = None
+        #: Forward passes done before this run (a resumed run starts above 0).
+        self.forward_passes_at_start = 0
         self._requires_grad: list[bool] | None = None
+        self._saved_resources: str | None = None
+        self._resources_hash: str | None = None
+        self._handlers: dict[int, Any] = {}
 
     @property
     def strategy(self):
@@ -137,6 +196,7 @@ class M2N2Callback(Callback):
             return
         check_precision(trainer)
         warn_if_wrapped(trainer)
+        use_atomic_checkpoints(trainer)
         target = self.model if self.model is not None else pl_module
         flat = FlatParams(target, include_frozen=self.evolve_frozen)
         seeds = None
@@ -160,6 +220,8 @@ class M2N2Callback(Callback):
     def evolution_step(self) -> None:
         """`steps_per_batch` ask -> score -> tell steps, fewer where `max_forward_passes` is reached."""
         for _ in range(self.steps_per_batch):
+            if self.stop_signal is not None:
+                return
             if self.max_forward_passes is not None and self.engine.forward_passes >= self.max_forward_passes:
                 return
             self.engine.step()
@@ -167,8 +229,19 @@ class M2N2Callback(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Attach the resources, insert the first members, take over the optimizer."""
         self.engine.strategy.to(pl_module.device)
-        self.engine.attach(*self._resources(trainer))
+        if self.evaluate is not None:
+            self.engine.attach_evaluate(self.resources, self.evaluate, self.resource_batch_size)
+            self._resources_hash = f"{self.engine.shard_sizes} examples scored by {getattr(self.evaluate, '__qualname__', self.evaluate)}"
+        else:
+            inputs, targets = self._resources(trainer)
+            check_labels(targets, getattr(trainer.datamodule, "num_classes", None))
+            self.engine.attach(inputs, targets)
+            self._resources_hash = resource_hash(inputs, targets)
+        if self._saved_resources not in (None, self._resources_hash) and not self.allow_resume_changes:
+            raise ValueError(RESOURCES_CHANGED)
         self.engine.start()
+        for logger in trainer.loggers:  # hparams.yaml then holds the strategy's settings too
+            logger.log_hyperparams({"evolution": run_fingerprint(self.engine)})
         trainer.strategy.optimizers = [self.optimizer(pl_module)]
         trainer.strategy.lr_scheduler_configs = []
         if pl_module.automatic_optimization:
@@ -185,15 +258,27 @@ class M2N2Callback(Callback):
             return inputs[: self.max_resources], targets[: self.max_resources]
         return collect_resources(trainer.fit_loop._data_source.dataloader(), self.max_resources)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.forward_passes_at_start = self.engine.forward_passes
+        self.stop_signal = None
+        self._handlers = install_stop_handlers(self._request_stop)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self.stop_signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: now (engine.step rolls the step back)
+        self.stop_signal = signum
+
     # ---------------------------------------------------------------- logging
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         log_evolution(pl_module, self.engine)
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt(f"stopped by signal {signal.Signals(self.stop_signal).name}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         targets = self.engine.targets
-        if self.heatmap and targets.dim() == 1 and not targets.is_floating_point():
+        if self.heatmap and targets is not None and targets.dim() == 1 and not targets.is_floating_point():
             num_classes = getattr(trainer.datamodule, "num_classes", None) or int(targets.max()) + 1
             self.heatmap_path = save_and_log_heatmap(trainer, self.engine, num_classes)
 
@@ -205,7 +290,9 @@ class M2N2Callback(Callback):
         self._restore_gradients(trainer, pl_module)
 
     def _restore_gradients(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Undo what `on_fit_start` switched off: the backward pass and `requires_grad`."""
+        """Undo what `on_fit_start` switched off: the backward pass, `requires_grad`, the signal handlers."""
+        restore_handlers(self._handlers)
+        self._handlers = {}
         trainer.fit_loop._skip_backward = False
         if self._requires_grad is not None:
             for p, flag in zip(pl_module.parameters(), self._requires_grad):
@@ -214,11 +301,11 @@ class M2N2Callback(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's state (archive, scores, generator, counters) for Lightning checkpoints."""
-        return {} if self.engine is None else self.engine.strategy.state_dict()
+        """The strategy's state (archive, scores, generator, counters) and what it was run with."""
+        return {} if self.engine is None else evolution_state(self.engine, self._resources_hash)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the strategy from a checkpoint (Lightning calls this after `setup`)."""
+        """Restore the strategy (Lightning calls this after `setup`), after checking that the checkpoint was
+        made by the same strategy, settings and model; the resources are checked in `on_fit_start`."""
         if state_dict:
-            self.engine.strategy.load_state_dict(state_dict)
-
+            self._saved_resources = restore_evolution_state(self.engine, state_dict, self.allow_resume_changes)

@@ -14,7 +14,13 @@ class RunSchema:
 
     seed: int = 0
     forward_passes: int = 50_000
+    log_every: int = 500
+    val_every: int = 5000
+    checkpoint_every: int = 5000
     ckpt_path: Optional[str] = None
+    allow_resume_changes: bool = False
+    callbacks: Any = field(default_factory=dict)
+    optimized_metric: Optional[str] = None
     module: Any = field(default_factory=dict)
     checkpoint: Any = field(default_factory=dict)
     data: Any = None

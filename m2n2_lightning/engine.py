@@ -21,9 +21,15 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from m2n2_lightning import distributed
-from m2n2_lightning.evaluator import Evaluator
+from m2n2_lightning.evaluator import (
+    EvaluateFn,
+    Evaluator,
+    ModuleEvaluator,
+    resource_batches,
+)
 from m2n2_lightning.metrics import class_accuracy, niche_occupancy, save_heatmap
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
@@ -91,7 +97,7 @@ class EvolutionEngine:
         #: Scoring dtype: None (the model's own) or torch.bfloat16 / float16 (`precision_dtype`).
         self.score_dtype = score_dtype
         #: One evaluator per block of this rank's shard, each holding its examples on the device.
-        self.evaluators: list[Evaluator] = []
+        self.evaluators: list[Evaluator | ModuleEvaluator] = []
         #: Every rank's shard size, in rank order (one entry without DDP).
         self.shard_sizes: list[int] = []
         #: All resource targets, as given (for the per-class metrics).
@@ -116,6 +122,18 @@ class EvolutionEngine:
         ]
         self.targets = targets
 
+    def attach_evaluate(self, resources: Dataset | DataLoader, evaluate: EvaluateFn, batch_size: int = 32) -> None:
+        """Score by `evaluate(module, batch)` on this rank's contiguous shard of a fixed-order dataset."""
+        rank, world_size = distributed.world()
+        count = len(resources.dataset if isinstance(resources, DataLoader) else resources)
+        shards = distributed.partition(count, world_size, self.block_size)
+        self.shard_sizes = [shard[-1][1] - shard[0][0] for shard in shards]
+        self.evaluators = [
+            ModuleEvaluator(self.model, self.flat, evaluate, resource_batches(resources, start, stop, batch_size))
+            for start, stop in shards[rank]
+        ]
+        self.targets = None
+
     @torch.no_grad()
     def score(self, candidates: Tensor) -> Tensor:
         """Scores [k, N] of the candidates on all resources (this rank's shard, then all-gathered)."""
@@ -134,9 +152,20 @@ class EvolutionEngine:
 
     @torch.no_grad()
     def step(self, k: int | None = None) -> None:
-        """One ask -> score -> tell step; the model then holds the best member."""
-        candidates = self.strategy.ask(k)
-        self.strategy.tell(candidates, self.score(candidates))
+        """One ask -> score -> tell step; the model then holds the best member.
+
+        An exception (a second Ctrl-C) before the tell rolls the generator back,
+        so the strategy is left exactly at the previous step boundary.
+        """
+        generator = self.strategy.generator
+        state = generator.get_state()
+        try:
+            candidates = self.strategy.ask(k)
+            scores = self.score(candidates)
+        except BaseException:
+            generator.set_state(state)
+            raise
+        self.strategy.tell(candidates, scores)
         self.load_best()
 
     def load_best(self) -> None:

@@ -1,11 +1,13 @@
-"""Score [k, D] candidates on resources that stay resident on the device."""
+"""Score [k, D] candidates: vectorised on resources resident on the device (`Evaluator`),
+or by user code with each candidate loaded into the module (`ModuleEvaluator`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from m2n2_lightning.params import FlatParams, population_forward
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
@@ -69,5 +71,79 @@ class Evaluator:
             else:
                 with torch.autocast(self.inputs.device.type, dtype=self.dtype):
                     outputs = population_forward(self.model, self.flat, chunk.to(self.dtype), self.inputs)
-            scores.append(self.score_fn(outputs, (self.inputs, self.targets)))
+            scores.append(check_scores_shape(self.score_fn(outputs, (self.inputs, self.targets)), len(chunk), len(self.targets)))
         return scores[0] if len(scores) == 1 else torch.cat(scores)
+
+
+def check_scores_shape(scores: Any, k: int, n: int) -> Tensor:
+    """A score function's result, if it is a [k, N] tensor; else a TypeError / ValueError saying what to return."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(
+            f"the score function returned {type(scores).__name__}; return a Tensor of shape [k={k}, N={n}] "
+            "with one score in [0, 1] per candidate and example"
+        )
+    if scores.shape != (k, n):
+        raise ValueError(f"the score function returned shape {tuple(scores.shape)}; expected [k={k}, N={n}]")
+    return scores
+
+
+#: A per-candidate evaluation: (module holding the candidate's weights, batch of resources) -> scores [B] in [0, 1].
+EvaluateFn = Callable[[nn.Module, Any], Tensor]
+
+
+def resource_batches(resources: Dataset | DataLoader, start: int, stop: int, batch_size: int) -> list[tuple[int, Any]]:
+    """Examples [start, stop) of a fixed-order dataset (or a DataLoader's dataset, with its collate_fn),
+    as (number of examples, batch) pairs, read once."""
+    if isinstance(resources, DataLoader):
+        dataset, collate, batch_size = resources.dataset, resources.collate_fn, resources.batch_size or batch_size
+    else:
+        dataset, collate = resources, None
+    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    sizes = [len(indices) for indices in loader.batch_sampler]
+    return list(zip(sizes, loader))
+
+
+def check_evaluated(scores: Any, expected: int) -> Tensor:
+    """The scores `evaluate` returned for a batch of `expected` examples, or a clear error."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(
+            f"evaluate(module, batch) returned {type(scores).__name__}; return a Tensor of {expected} scores "
+            "in [0, 1], one per example of the batch (e.g. torch.tensor([...]))"
+        )
+    if scores.shape != (expected,):
+        raise ValueError(
+            f"evaluate(module, batch) returned shape {tuple(scores.shape)} for a batch of {expected} examples; "
+            f"return one score per example: shape ({expected},)"
+        )
+    low, high = torch.stack(torch.aminmax(scores.float())).tolist()
+    if not (0 <= low and high <= 1):
+        raise ValueError(f"evaluate(module, batch) returned scores in [{low}, {high}] (or NaN); they must lie in [0, 1]")
+    return scores.float()
+
+
+class ModuleEvaluator:
+    """Scores candidates by user code: each is loaded into the module, which `evaluate(module, batch)` may
+    use in any way (`generate`, a tokenizer, an environment, a CLIP model...), over fixed-order resources.
+
+    The module is put in eval mode while scoring (dropout off, as in generation) and
+    back in its mode afterwards; the engine then loads the best member again.
+    """
+
+    def __init__(self, model: nn.Module, flat: FlatParams, evaluate: EvaluateFn, batches: list[tuple[int, Any]]) -> None:
+        self.model, self.flat, self.evaluate, self.batches = model, flat, evaluate, batches
+        self.num_resources = sum(size for size, _ in batches)
+
+    @torch.no_grad()
+    def __call__(self, candidates: Tensor) -> Tensor:
+        """Scores [k, N] of each candidate on each resource."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            rows = []
+            for candidate in candidates:
+                self.flat.load_into(self.model, candidate)
+                parts = [check_evaluated(self.evaluate(self.model, batch), size) for size, batch in self.batches]
+                rows.append(torch.cat(parts).to(candidates.device))
+        finally:
+            self.model.train(training)
+        return torch.stack(rows)

@@ -70,7 +70,7 @@ class EvolutionModule(L.LightningModule):
         return self.evolution.engine
 
     def configure_callbacks(self) -> list[M2N2Callback]:
-        return [self.evolution]
+        return [] if self.evolution in self.trainer.callbacks else [self.evolution]
 
     def configure_optimizers(self) -> EvolutionOptimizer:
         return self.evolution.optimizer(self)

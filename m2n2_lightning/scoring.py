@@ -50,10 +50,15 @@ def targets_of(batch: Any) -> Tensor:
 def correctness(outputs: Any, batch: Any) -> Tensor:
     """1.0 where argmax(logits) == target, else 0.0 (the paper's score).
 
-    `max(...).indices` is argmax (the first maximum; NaN counts as the maximum)
-    at half argmax's cost on the CPU.
+    Logits that are not all finite (NaN or infinite, e.g. a diverged candidate)
+    are wrong on that example: such a candidate solves nothing there, rather
+    than the argmax of NaN picking a class. `max(...).values` gives that check
+    at no extra pass: it is finite exactly when all logits are (NaN propagates
+    into the max, and an infinite max is refused too), apart from -inf entries
+    below a finite maximum, which cannot make a wrong class win.
     """
-    return (logits_of(outputs).max(dim=-1).indices == targets_of(batch)).to(torch.float32)
+    top = logits_of(outputs).max(dim=-1)
+    return ((top.indices == targets_of(batch)) & top.values.isfinite()).to(torch.float32)
 
 
 def true_class_probability(outputs: Any, batch: Any) -> Tensor:

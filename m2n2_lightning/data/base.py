@@ -53,8 +53,8 @@ class TensorDataModule(L.LightningDataModule):
 
     Subclasses implement :meth:`load`, returning the training part and the
     test set. The last ``val_size`` training examples become the validation
-    set; with ``val_size=0`` (the default) the validation set *is* the test
-    set, because the paper's protocol has only a train and a test split.
+    set; with ``val_size=0`` (the default: the paper's protocol has only a train
+    and a test split) there is no validation loop, so nothing selects on the test set.
 
     The tensors are available as :attr:`train_tensors`, :attr:`val_tensors`
     and :attr:`test_tensors` (each ``(x, y)`` on the CPU; the caller moves them
@@ -145,9 +145,9 @@ class TensorDataModule(L.LightningDataModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def val_dataloader(self) -> DataLoader:
-        """The validation set in order."""
-        return self._loader(self.val_tensors)
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation set in order; none with `val_size=0` (Lightning then skips validation)."""
+        return self._loader(self.val_tensors) if self.val_size else []
 
     def test_dataloader(self) -> DataLoader:
         """The test set in order."""

@@ -53,7 +53,7 @@ class MNISTDataModule(TensorDataModule):
         train_size: use only the first ``train_size`` training examples
             (None: all 60,000); handy for fast runs and tests.
         val_size: take the last ``val_size`` of those as the validation set.
-            With 0 (default) the validation set is the test set.
+            With 0 (default) there is no validation loop.
         batch_size: examples per batch of the data loaders; None (default)
             gives each split as a single full batch.
         steps_per_epoch: repeat the training batches to this many per epoch

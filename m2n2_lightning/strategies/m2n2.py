@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.archive import Archive, initial_members, seed_vectors
-from m2n2_lightning.strategies.base import ScoreCandidates, Strategy, check_non_negative, check_positive_int
+from m2n2_lightning.strategies.base import (
+    ScoreCandidates,
+    Strategy,
+    check_non_negative,
+    check_positive_int,
+)
 from m2n2_lightning.strategies.chromosomes import Chromosomes, check_slerp_angle
 
 #: The paper's mutation and initialisation scale when evolving from scratch.
