@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from m2n2_lightning import EvolutionModule, FlatParams
 from m2n2_lightning.checkpointing import InterruptCheckpoint, load_checkpoint_file
 from m2n2_lightning.config import register_schema, steps_for
+from m2n2_lightning.metrics import save_accuracy_curves
 from m2n2_lightning.progress import EvolutionProgressBar
 from m2n2_lightning.stopping import exit_code
 from m2n2_lightning.strategies.base import build_strategy
@@ -103,6 +104,9 @@ def main(cfg: DictConfig) -> dict | float:
         "output_dir": str(out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    metrics_csv = out / "logs" / "metrics.csv"
+    if metrics_csv.exists():
+        save_accuracy_curves(metrics_csv, out / "logs" / "accuracy.png", test_acc)
     OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
     log.info(
         "%s (seed %d): %d forward passes in %.1f s (%.0f/s); best member: train accuracy %.4f, test accuracy %.4f.",

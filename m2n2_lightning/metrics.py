@@ -43,23 +43,70 @@ def class_accuracy(scores: Tensor, targets: Tensor, num_classes: int) -> Tensor:
     return scores @ onehot / counts
 
 
-def save_heatmap(matrix: Tensor, path: str | Path, title: str = "member x class accuracy"):
-    """Save a [P, C] matrix as a PNG heatmap; returns the matplotlib figure."""
+def save_heatmap(matrix: Tensor, path: str | Path, title: str = "error rate per class on the training resources"):
+    """Save a [P, C] member-by-class accuracy matrix as a PNG heatmap of the error rate (1 - accuracy) on a
+    logarithmic colour scale from 0.1% to 100%, so that members near the top (95% vs 99%) stay apart; each
+    cell is annotated with its accuracy. Returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    values = matrix.detach().float().cpu().numpy()
+    errors = (1.0 - values).clip(1e-3, 1.0)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.6 * values.shape[1], 1.2 + 0.32 * values.shape[0]))
+    image = ax.imshow(errors, norm=LogNorm(vmin=1e-3, vmax=1.0), cmap="magma_r", aspect="auto")
+    if values.size <= 400:
+        for (row, column), value in np.ndenumerate(values):
+            ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if errors[row, column] > 0.1 else "black")
+    ax.set_xlabel("class")
+    ax.set_ylabel("member (best first)")
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_yticks(range(0, values.shape[0], max(1, values.shape[0] // 20)))
+    ax.set_title(title + " (numbers: accuracy %)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="error rate (log scale)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def save_accuracy_curves(metrics_csv: str | Path, path: str | Path, test_acc: float | None = None) -> Path | None:
+    """Plot the best member's training score, the validation accuracy and the final test accuracy against
+    forward passes, from a CSVLogger's metrics.csv; None when the file has no such rows."""
+    import csv
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = matrix.detach().float().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * values.shape[1], 1 + 0.3 * values.shape[0]))
-    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    ax.set_xlabel("class")
-    ax.set_ylabel("member (best first)")
-    ax.set_xticks(range(values.shape[1]))
-    ax.set_yticks(range(0, values.shape[0], max(1, values.shape[0] // 20)))
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax)
+    rows = list(csv.DictReader(Path(metrics_csv).open()))
+    series: dict[str, list[tuple[float, float]]] = {"train/best_score": [], "val/acc": []}
+    last_passes = 0.0
+    for row in rows:
+        if row.get("forward_passes"):
+            last_passes = float(row["forward_passes"])
+        for key, points in series.items():
+            if row.get(key):
+                points.append((last_passes, float(row[key])))
+    if not series["train/best_score"]:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"train/best_score": "best member, training accuracy", "val/acc": "best member, validation accuracy"}
+    for key, points in series.items():
+        if points:
+            ax.plot(*zip(*points), label=labels[key], marker="." if key == "val/acc" else None)
+    if test_acc is not None:
+        ax.scatter([last_passes], [test_acc], color="black", zorder=3, label=f"test accuracy at the end: {test_acc:.4f}")
+    ax.set_xlabel("forward passes")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    return fig
+    plt.close(fig)
+    return Path(path)
