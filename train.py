@@ -53,6 +53,7 @@ def main(cfg: DictConfig) -> dict | float:
     flat = FlatParams(model)
     strategy = build_strategy(instantiate(cfg.strategy), flat.num_params, layout=flat.layout)
     per_step = cfg.module.steps_per_batch * strategy.candidates_per_step  # forward passes per training step
+    max_steps = steps_for(cfg.forward_passes, per_step)  # checks forward_passes, in the config's own terms
     module = EvolutionModule(
         model, strategy, max_forward_passes=cfg.forward_passes, allow_resume_changes=cfg.allow_resume_changes,
         **cfg.module,
@@ -63,7 +64,7 @@ def main(cfg: DictConfig) -> dict | float:
     user_callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
-        max_steps=steps_for(cfg.forward_passes, per_step),
+        max_steps=max_steps,
         log_every_n_steps=every(cfg.log_every, per_step),
         val_check_interval=every(cfg.val_every, per_step),
         **({} if getattr(datamodule, "val_size", 1) else {"limit_val_batches": 0}),

@@ -62,6 +62,7 @@ from m2n2_lightning.scoring import ScoreFn, get_score_fn
 from m2n2_lightning.sources import SeedSource, seed_parameters
 from m2n2_lightning.strategies import M2N2Strategy
 from m2n2_lightning.strategies.base import (
+    Strategy,
     StrategySpec,
     build_strategy,
     check_positive_int,
@@ -105,7 +106,8 @@ class M2N2Callback(Callback):
         steps_per_batch: evolution steps per Lightning training step; more
             amortise Lightning's per-step cost, the results are the same.
         max_forward_passes: stop evolving once this many candidates are scored
-            (the last training step then runs fewer evolution steps); None: no cap.
+            (the last training step then runs fewer evolution steps, and fit
+            ends after it); None: no cap.
         evolve_frozen: also evolve parameters with `requires_grad=False`
             (default: they stay fixed and out of the flat vector).
         model: the submodule to evolve (default: the LightningModule itself).
@@ -114,9 +116,9 @@ class M2N2Callback(Callback):
             class or settings, the parameter layout or the resources differ from
             the checkpoint's (refused by default, naming every difference).
 
-    Stopping: SIGINT (Ctrl-C) and SIGTERM during fit stop the run at the next
-    evolution-step boundary (a second Ctrl-C stops at once, rolling the step
-    back), as a KeyboardInterrupt through Lightning's own handling, so an
+    Stopping: SIGINT (Ctrl-C) and SIGTERM during fit stop the run once the
+    current training step's evolution steps are done (a second Ctrl-C stops at
+    once, rolling the evolution step back), as a KeyboardInterrupt through Lightning's own handling, so an
     `InterruptCheckpoint` / `OnExceptionCheckpoint` holds a consistent state
     and resuming from it is exact. `stop_signal` then names the signal.
 
@@ -146,6 +148,9 @@ class M2N2Callback(Callback):
         super().__init__()
         if init_from is not None and (isinstance(init_from, (str, Path)) or len(init_from) < 2):
             raise ValueError(f"init_from must be a list of two or more seed models, got {init_from!r}")
+        if init_from is not None and isinstance(strategy, Strategy):
+            # here, not in setup: build_strategy refuses seeds for a built strategy (a ValueError naming the fix)
+            build_strategy(strategy, strategy.num_params, init_models=[])
         get_score_fn(score_fn)  # a bad name fails here, before any data is read
         for name, value in (("max_resources", max_resources), ("chunk_size", chunk_size), ("block_size", block_size)):
             if value is not None:
@@ -220,8 +225,6 @@ class M2N2Callback(Callback):
     def evolution_step(self) -> None:
         """`steps_per_batch` ask -> score -> tell steps, fewer where `max_forward_passes` is reached."""
         for _ in range(self.steps_per_batch):
-            if self.stop_signal is not None:
-                return
             if self.max_forward_passes is not None and self.engine.forward_passes >= self.max_forward_passes:
                 return
             self.engine.step()
@@ -275,6 +278,8 @@ class M2N2Callback(Callback):
         log_evolution(pl_module, self.engine)
         if self.stop_signal is not None:
             raise KeyboardInterrupt(f"stopped by signal {signal.Signals(self.stop_signal).name}")
+        if self.max_forward_passes is not None and self.engine.forward_passes >= self.max_forward_passes:
+            trainer.should_stop = True  # the budget is spent: every rank stops after this step
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         targets = self.engine.targets

@@ -18,6 +18,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +102,10 @@ class InterruptCheckpoint(Callback):
         self.saved = self.path
 
 
-def resource_hash(inputs: Tensor, targets: Tensor) -> str:
+def resource_hash(inputs: Tensor | Mapping[str, Tensor], targets: Tensor) -> str:
     """SHA-256 of the resources' shapes, dtypes and bytes (what a resumed run must score on)."""
     digest = hashlib.sha256()
-    for tensor in (inputs, targets):
+    for tensor in [*(inputs.values() if isinstance(inputs, Mapping) else [inputs]), targets]:
         data = tensor.detach().contiguous().cpu()
         digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())

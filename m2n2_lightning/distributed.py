@@ -87,7 +87,8 @@ def _fingerprint(tensor: Tensor) -> tuple[tuple[int, ...], str, int]:
 
 def check_same_resources(inputs: Tensor, targets: Tensor) -> None:
     """ValueError on every rank unless all ranks were given the same resources (one all-gather)."""
-    mine = (_fingerprint(inputs), _fingerprint(targets))
+    tensors = [*(inputs.values() if isinstance(inputs, dict) else [inputs]), targets]
+    mine = tuple(_fingerprint(tensor) for tensor in tensors)
     everyone: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     differing = [rank for rank, theirs in enumerate(everyone) if theirs != everyone[0]]

@@ -14,7 +14,7 @@ all-gathers the scores, so that every rank tells the strategy the same
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +32,44 @@ from m2n2_lightning.evaluator import (
 )
 from m2n2_lightning.metrics import class_accuracy, niche_occupancy, save_heatmap
 from m2n2_lightning.params import FlatParams
-from m2n2_lightning.scoring import ScoreFn, get_score_fn
+from m2n2_lightning.scoring import ScoreFn, get_score_fn, targets_of
 from m2n2_lightning.strategies.base import Strategy, check_positive_int
 
 
-def collect_resources(batches: Iterable[Any], max_examples: int | None = None) -> tuple[Tensor, Tensor]:
-    """Concatenate `(x, y)` batches into one resource set of at most `max_examples`."""
-    xs, ys, count = [], [], 0
+def collect_resources(batches: Iterable[Any], max_examples: int | None = None) -> tuple[Any, Tensor]:
+    """Concatenate `(x, y)` batches, or dict batches holding "labels", into one resource set of at most
+    `max_examples`: `(x, y)`, or `(the dict, its labels)` for dict batches (the dict is what `forward` gets)."""
+    parts, count = [], 0
     for batch in batches:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        if isinstance(batch, Mapping):
+            parts.append(dict(batch))
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            parts.append((batch[0], batch[1]))
+        else:
             raise ValueError(
-                "resources are collected from (inputs, targets) batches; got a batch of type "
-                f"{type(batch).__name__}. Pass resources=(x, y) explicitly for other batch formats."
+                "resources are collected from (inputs, targets) batches or dict batches with 'labels'; got a batch "
+                f"of type {type(batch).__name__}. Pass resources=(x, y) explicitly for other batch formats."
             )
-        x, y = batch[0], batch[1]
-        xs.append(x)
-        ys.append(y)
-        count += len(x)
+        count += batch_length(parts[-1][0] if isinstance(parts[-1], tuple) else parts[-1])
         if max_examples is not None and count >= max_examples:
             break
-    if not xs:
+    if not parts:
         raise ValueError("the training dataloader yielded no batches to use as resources")
-    x, y = torch.cat(xs), torch.cat(ys)
+    if isinstance(parts[0], dict):
+        inputs = {key: torch.cat([part[key] for part in parts])[:max_examples] for key in parts[0]}
+        return inputs, targets_of(inputs)
+    x, y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
     return (x[:max_examples], y[:max_examples]) if max_examples is not None else (x, y)
+
+
+def batch_length(inputs: Any) -> int:
+    """Number of examples in a tensor or a dict of tensors (its first entry's length)."""
+    return len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) else len(inputs)
+
+
+def slice_batch(inputs: Any, start: int, stop: int) -> Any:
+    """Examples [start, stop) of a tensor or of each entry of a dict of tensors."""
+    return {k: v[start:stop] for k, v in inputs.items()} if isinstance(inputs, Mapping) else inputs[start:stop]
 
 
 #: Metrics shown in the progress bar as well as logged.
@@ -106,8 +121,8 @@ class EvolutionEngine:
 
     def attach(self, inputs: Tensor, targets: Tensor) -> None:
         """Move this rank's shard of the resources to the model's device, once, for all later steps."""
-        if len(inputs) != len(targets):
-            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        if batch_length(inputs) != len(targets):
+            raise ValueError(f"{batch_length(inputs)} inputs but {len(targets)} targets")
         rank, world_size = distributed.world()
         if world_size > 1:
             distributed.check_same_resources(inputs, targets)
@@ -115,7 +130,7 @@ class EvolutionEngine:
         self.shard_sizes = [shard[-1][1] - shard[0][0] for shard in shards]
         self.evaluators = [
             Evaluator(
-                self.model, inputs[start:stop], targets[start:stop], self.score_fn, self.chunk_size, self.flat,
+                self.model, slice_batch(inputs, start, stop), targets[start:stop], self.score_fn, self.chunk_size, self.flat,
                 dtype=self.score_dtype,
             )
             for start, stop in shards[rank]

@@ -3,6 +3,7 @@ or by user code with each candidate loaded into the module (`ModuleEvaluator`)."
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -32,8 +33,8 @@ class Evaluator:
     def __init__(
         self,
         model: nn.Module,
-        inputs: Tensor,
-        targets: Any,
+        inputs: Tensor | Mapping[str, Tensor],
+        targets: Tensor,
         score_fn: str | ScoreFn = "correctness",
         chunk_size: int | None = None,
         flat: FlatParams | None = None,
@@ -41,20 +42,28 @@ class Evaluator:
     ) -> None:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
-        if len(inputs) != len(targets):
-            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+        count = len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) else len(inputs)
+        if count != len(targets):
+            raise ValueError(f"{count} inputs but {len(targets)} targets")
         if dtype is not None and dtype not in LOW_PRECISION:
             raise ValueError(f"dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
         self.model = model
         self.flat = flat or FlatParams(model)
         device = next(model.parameters()).device
         self.dtype = dtype
-        self.inputs = inputs.to(device)
-        if dtype is not None and self.inputs.is_floating_point():
-            self.inputs = self.inputs.to(dtype)
+        self.inputs = (
+            {key: self._to(value, device) for key, value in inputs.items()}
+            if isinstance(inputs, Mapping)
+            else self._to(inputs, device)
+        )
         self.targets = targets.to(device)
         self.score_fn = get_score_fn(score_fn)
         self.chunk_size = chunk_size
+
+    def _to(self, tensor: Tensor, device: torch.device) -> Tensor:
+        """`tensor` on the device, floating-point ones in the scoring dtype."""
+        tensor = tensor.to(device)
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
 
     @property
     def num_resources(self) -> int:
