@@ -13,10 +13,19 @@ buffers live on the CPU, reading a value back to the host is free, so
 row copies; on an accelerator they use masks and never synchronise. Both ways
 give bit-identical results (tests/test_speed_paths.py). `host_side` is that
 one choice.
+
+Storages (`build_archive`, chosen by `M2N2Strategy(storage=...)`): "dense"
+(this class), "host" and "mmap" (`HostArchive`: the dense members in host
+memory or in a memory-mapped file, for archives larger than the device; M2N2.md,
+"Memory": "for very large models we can always store the archive on disk") and
+"coefficients" (`CoefficientArchive`: members as mixtures of the seed models,
+when merging without mutation).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +34,10 @@ from torch import Tensor, nn
 
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.chromosomes import Piece
+from m2n2_lightning.strategies.coefficient_archive import CoefficientArchive
+
+#: The archive storages `build_archive` makes.
+STORAGES = ("dense", "coefficients", "host", "mmap")
 
 
 class Archive(nn.Module):
@@ -38,7 +51,7 @@ class Archive(nn.Module):
         super().__init__()
         self.capacity = capacity
         self.num_params = num_params
-        self.register_buffer("members", torch.zeros(capacity, num_params, dtype=dtype))
+        self.register_buffer("members", self._new_members(dtype))
         self.register_buffer("scores", torch.zeros(capacity, 0))
         self.register_buffer("occupied", torch.zeros(capacity, dtype=torch.bool))
 
@@ -56,6 +69,10 @@ class Archive(nn.Module):
         """Whether the storage is in host memory, where reading values back costs nothing."""
         return self.members.device.type == "cpu"
 
+    def _new_members(self, dtype: torch.dtype) -> Tensor:
+        """All-zero members [P, D] (the empty slots)."""
+        return torch.zeros(self.capacity, self.num_params, dtype=dtype)
+
     def allocate(self, num_resources: int) -> None:
         """Fix N: all-zero scores [P, N] for the (still empty) slots."""
         self.scores = self.scores.new_zeros(self.capacity, num_resources)
@@ -63,6 +80,10 @@ class Archive(nn.Module):
     def rows(self, index: Tensor) -> Tensor:
         """Members [m, D] at the slots `index` [m]."""
         return self.members.index_select(0, index)
+
+    def copies(self, index: Tensor) -> Tensor:
+        """Children [m, D] that copy the members at `index` (the "no crossover" ablation)."""
+        return self.rows(index)
 
     def crossover(self, first: Tensor, second: Tensor, split: Tensor | None, weight: Tensor) -> Tensor:
         """Split-point SLERP children [m, D] of the member pairs (first[i], second[i]).
@@ -103,10 +124,15 @@ class Archive(nn.Module):
         return child
 
     @torch.no_grad()
-    def write(self, slot: Tensor, member: Tensor, member_scores: Tensor, accept: Tensor | None = None) -> None:
+    def write(
+        self, slot: Tensor, member: Tensor, member_scores: Tensor, accept: Tensor | None = None, made: int | None = None
+    ) -> None:
         """Put `member` [D] and its scores [N] into `slot` (a 0-dim or one-element index).
 
         Nothing changes when `slot` is P or more (the newcomer lost) or `accept` is False.
+        `made` (the row of the last batch of children that `member` is) is for
+        storages that keep members in another form (`CoefficientArchive`); the
+        dense storage stores `member` itself and ignores it.
         """
         if self.host_side:
             row = int(slot)
@@ -130,6 +156,102 @@ class Archive(nn.Module):
         if saved is not None and self.num_resources == 0 and saved.dim() == 2 and saved.shape[0] == self.capacity:
             self.allocate(saved.shape[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class HostArchive(Archive):
+    """`Archive` whose members [P, D] stay in host memory, or in a memory-mapped file the OS pages.
+
+    `.to(device)` moves the scores and occupancy but not the members (a change
+    of dtype converts them in place of storage); rows are moved to the scores'
+    device when read and written back by slot. For archives larger than the
+    device ("host") or than the host memory ("mmap"; M2N2.md, "Memory"). The
+    file of "mmap" is made in `storage_dir` (or the temporary directory) and
+    unlinked at once: it lives, unseen, as long as the archive. Results are
+    bit-identical to the dense archive's; so is the state_dict.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_params: int,
+        dtype: torch.dtype = torch.float32,
+        mapped: bool = False,
+        storage_dir: str | None = None,
+    ) -> None:
+        self.mapped = mapped
+        self.storage_dir = storage_dir
+        super().__init__(capacity, num_params, dtype)
+        # The members last: a strategy's device is its first buffer's, and these stay on the host.
+        self._buffers["members"] = self._buffers.pop("members")
+
+    def _new_members(self, dtype: torch.dtype) -> Tensor:
+        if not self.mapped:
+            return torch.zeros(self.capacity, self.num_params, dtype=dtype)
+        handle, path = tempfile.mkstemp(prefix="m2n2-archive-", suffix=".bin", dir=self.storage_dir)
+        os.close(handle)
+        try:  # a new file reads as zeros: the empty slots cost no memory until written
+            members = torch.from_file(path, shared=True, size=self.capacity * self.num_params, dtype=dtype)
+        finally:
+            os.unlink(path)
+        return members.view(self.capacity, self.num_params)
+
+    @property
+    def like(self) -> Tensor:
+        return self.scores.new_empty(0, dtype=self.members.dtype)
+
+    @property
+    def host_side(self) -> bool:
+        """Always: the members are read and written by slot, on the host."""
+        return True
+
+    def rows(self, index: Tensor) -> Tensor:
+        return self.members.index_select(0, index.cpu()).to(self.scores.device)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HostArchive":
+        members = self.members
+        self._buffers["members"] = None  # skipped by Module._apply
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            self._buffers["members"] = members
+        dtype = fn(members[:0]).dtype  # what the conversion asks for, read off an empty view
+        if dtype != members.dtype:
+            self._buffers["members"] = self._new_members(dtype).copy_(members)
+        return self
+
+
+def build_archive(
+    storage: str,
+    capacity: int,
+    num_params: int,
+    seeds: Sequence[Tensor] | None,
+    mutation_sigma: float,
+    storage_dir: str | None = None,
+) -> Archive | CoefficientArchive:
+    """The archive of `storage` (one of STORAGES), or a ValueError when that storage cannot hold the run.
+
+    "coefficients" needs the seed models and no mutation: a mutated child is no
+    longer a mixture of the seeds (M2N2.md, "Mutation": none when merging).
+    """
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    if storage_dir is not None and storage != "mmap":
+        raise ValueError(f"storage_dir is where storage='mmap' maps its file; storage is {storage!r}")
+    if storage == "coefficients":
+        if seeds is None:
+            raise ValueError(
+                "storage='coefficients' stores members as mixtures of the seed models: give init_models "
+                "(two or more), or use storage='dense'"
+            )
+        if mutation_sigma > 0:
+            raise ValueError(
+                f"storage='coefficients' cannot hold mutated children (mutation_sigma={mutation_sigma}): a child with "
+                "noise is no mixture of the seeds; set mutation_sigma=0 or use storage='dense', 'host' or 'mmap'"
+            )
+        return CoefficientArchive(capacity, num_params, seeds)
+    if storage == "dense":
+        return Archive(capacity, num_params)
+    return HostArchive(capacity, num_params, mapped=storage == "mmap", storage_dir=storage_dir)
 
 
 def part_cosines(a: Tensor, b: Tensor, pieces: Sequence[Piece], num_labels: int) -> Tensor:

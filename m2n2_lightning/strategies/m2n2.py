@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from m2n2_lightning.strategies import operators as ops
-from m2n2_lightning.strategies.archive import Archive, initial_members, seed_vectors
+from m2n2_lightning.strategies.archive import build_archive, initial_members, seed_vectors
 from m2n2_lightning.strategies.base import (
     ScoreCandidates,
     Strategy,
@@ -88,6 +88,12 @@ class M2N2Strategy(Strategy):
             (`FlatParams.layout`), to resolve `chromosomes`.
         slerp_angle: "whole" (one angle between the whole parents, the
             reference code) or "per_part" (one per sub-array, equation 2).
+        storage: where the members live (`archive.build_archive`): "dense"
+            ([P, D] buffers), "host" or "mmap" (dense, in host memory or a
+            memory-mapped file under `storage_dir`, for archives larger than the
+            device), or "coefficients" (mixtures of `init_models`: the seeds
+            once and kilobytes per member; refused with mutation).
+        storage_dir: the directory of the "mmap" file (None: the temporary one).
 
     `start(score)` scores the initial members (two random ones, or the given
     models) and inserts them by the update rule; they do not count as forward passes.
@@ -113,6 +119,8 @@ class M2N2Strategy(Strategy):
         chromosomes: Sequence[str] | None = None,
         layout: Sequence[tuple[str, int]] | None = None,
         slerp_angle: str = "whole",
+        storage: str = "dense",
+        storage_dir: str | None = None,
     ) -> None:
         super().__init__(num_params, seed=seed, validate_scores=validate_scores)
         if capacity not in CAPACITIES:
@@ -146,7 +154,9 @@ class M2N2Strategy(Strategy):
         self.mutation_sigma = (
             mutation_sigma if mutation_sigma is not None else (0.0 if init_models else PAPER_SIGMA)
         )
-        self.archive = Archive(self.pop_size, self.num_params)
+        self.archive = build_archive(
+            storage, self.pop_size, self.num_params, self.init_models, self.mutation_sigma, storage_dir
+        )
 
     # Views of the archive's storage, for metrics and tests.
     @property
@@ -217,7 +227,7 @@ class M2N2Strategy(Strategy):
             if self.use_crossover or warmup:
                 children = self._crossover(first, second, k, generator)
             else:
-                children = self.archive.rows(first)
+                children = self.archive.copies(first)
         if self.mutation_sigma == 0 or warmup:
             return children.clone()
         return ops.mutate(children, self.mutation_sigma, generator)
@@ -243,8 +253,8 @@ class M2N2Strategy(Strategy):
     def _insert(self, candidates: Tensor, scores: Tensor) -> None:
         """Insert the rows one by one by the replace-the-worst rule (M2N2.md, "Archive update")."""
         candidates, scores = candidates.to(self.archive.like), scores.to(self.archive.scores)
-        for child, child_scores in zip(candidates, scores):
-            self.archive.write(self._dropped_row(child_scores), child, child_scores)
+        for row, (child, child_scores) in enumerate(zip(candidates, scores)):
+            self.archive.write(self._dropped_row(child_scores), child, child_scores, made=row)
 
     def best_index(self) -> Tensor:
         """Index (1-dim tensor of one) of the member with the highest mean score; first on ties."""
