@@ -1,159 +1,45 @@
-"""CMA-ES in torch, update for update as pycma (`cma` 4.x) with its default options.
+"""CMA-ES in torch, update for update as pycma (`cma` 4.x), the paper's baseline, with its defaults.
 
-The paper's baseline is pycma's `CMAEvolutionStrategy` (popsize 20, sigma0 =
-0.01, x0 ~ N(0, 0.01^2)). pycma runs in numpy on the CPU: at D = 19,210 one
-generation takes seconds and the [D, D] covariance lives in host memory. This
-is the same algorithm on the strategy's device, as in Hansen's tutorial
-("The CMA Evolution Strategy: A Tutorial", arXiv:1604.00772) with the
-parameter settings and update rules pycma applies by default:
-
-- recombination weights with negative ("active") weights, scaled as in
-  `RecombinationWeights.finalize_negative_weights`;
-- learning rates c_c, c_1, c_mu (and their separable variants), c_sigma and
-  the CSA damping of `CMAAdaptSigmaCSA`, chi_N as `Mh.chiN`;
-- h_sigma from the bias-corrected length of p_sigma, c_1 lowered for the
-  variance lost when it stalls;
-- negative-weight steps rescaled to Mahalanobis length sqrt(D);
-- the eigendecomposition of C refreshed lazily, every
-  1 / (c_1 + c_mu) / D / 10 generations, when the next generation is sampled;
-- pycma's initial C = diag(exp(1e-4 i / D)) (its tie-breaker for eigh);
-- step-size adaptation: CSA below D = 300, two-point adaptation (TPA, with
-  its mirrored pair along the last mean shift) from D = 300 on;
-- `diagonal=True`: pycma's `CMA_diagonal=True`, i.e. separable CMA-ES whose
-  coordinate-wise standard deviations get pycma's multiplicative update
-  with the separable learning rates c_c_sep, c_1_sep, c_mu_sep.
-
-Not replicated, as they do not arise in training with scores in [0, 1] or do
-not change the sampled distribution: pycma's stopping criteria, its
-re-expression of C when its condition exceeds 1e8 / 1e12, the rescaling when
-sigma exceeds 1e9 sigma0, the Mahalanobis clipping of solutions it did not
-sample itself, and the selective mirrored samples it adds when popsize < 6
-(ours equals pycma with ``CMA_mirrors=0``). Ties in fitness are ranked in the
-order the candidates were told (pycma's numpy quicksort leaves it open).
+`tell` is the sequence of updates of Hansen's tutorial ("The CMA Evolution
+Strategy: A Tutorial", arXiv:1604.00772, its algorithm summary, eqs. 38-47),
+one method each, naming where pycma departs from it, with pycma's parameters
+(cmaes_parameters.py). Not replicated, as they do not arise with scores in
+[0, 1] or do not change the sampled distribution: pycma's stopping criteria,
+the re-expression of C at condition 1e8 / 1e12, the rescaling at sigma > 1e9
+sigma0, the clipping of solutions it did not sample, and its mirrored samples
+at popsize < 6 (ours is pycma with ``CMA_mirrors=0``). Ties in fitness rank in
+the order told (pycma's numpy quicksort leaves it open).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from m2n2_lightning.params import flat_vector
-from m2n2_lightning.strategies.base import Strategy
+from m2n2_lightning.strategies import cmaes_parameters as cp
+from m2n2_lightning.strategies.base import ScoreCandidates, Strategy, check_non_negative, check_positive_int
+
+#: D above which `diagonal="auto"` is separable (a full C would not fit in memory).
+AUTO_DIAGONAL_ABOVE = cp.AUTO_DIAGONAL_ABOVE
 
 #: The paper's sigma0 and the std of its random x0 (x0 ~ N(0, 0.01^2)).
 PAPER_SIGMA = 0.01
-#: `diagonal="auto"` uses separable CMA-ES above this D. A full covariance
-#: holds about three [D, D] float64 matrices (C, its eigenvectors B and the
-#: eigendecomposition's copy): 8.9 GB at the paper's D = 19,210, 1 TB at 203,530.
-AUTO_DIAGONAL_ABOVE = 20_000
-#: From this dimension on, pycma adapts sigma by TPA instead of CSA.
-TPA_DIMENSION = 300
-#: Eigendecompositions tried, lifting the diagonal of C in between, before giving up.
-MAX_EIGEN_ATTEMPTS = 10
-
-
-def expected_norm(dim: int) -> float:
-    """E||N(0, I_dim)||, as pycma's `Mh.chiN`: exact up to D = 100, its series beyond."""
-    if dim <= 100:
-        return math.sqrt(2) * math.exp(math.lgamma((dim + 1) / 2) - math.lgamma(dim / 2))
-    return dim**0.5 * (1 - 1 / (4 * dim) + 1 / (32 * dim**2))
-
-
-def log_weights(popsize: int) -> list[float]:
-    """pycma's raw weights ln((popsize + 1) / 2) - ln(i), the positive ones
-    scaled to sum 1 and the negative ones to sum -1 (the last is always < 0)."""
-    raw = [math.log((popsize + 1) / 2) - math.log(i) for i in range(1, popsize + 1)]
-    positive_sum = sum(w for w in raw if w > 0)
-    negative_sum = -sum(w for w in raw if w < 0)
-    return [w / positive_sum if w > 0 else w / negative_sum for w in raw]
-
-
-def scale_negative_weights(
-    weights: list[float], dim: int, c1: float, cmu: float, positive_definite: bool
-) -> list[float]:
-    """pycma's `finalize_negative_weights`: negative weights summing to -(1 + c1/cmu)
-    (no decay of C), capped at (1 - c1 - cmu) / cmu / dim so that C stays positive
-    definite (full C only) and at 1 + 2 mueff^- / (mueff + 2)."""
-    positive = [w for w in weights if w > 0]
-    negative = [w for w in weights if w < 0]
-    mueff = 1 / sum(w * w for w in positive)
-    mueff_minus = sum(negative) ** 2 / sum(w * w for w in negative)
-    target = 1 + c1 / cmu
-    if positive_definite:
-        target = min(target, (1 - c1 - cmu) / cmu / dim)
-    target = min(target, 1 + 2 * mueff_minus / (mueff + 2))
-    scale = target / -sum(negative)
-    return [w * scale if w < 0 else w for w in weights]
-
-
-@dataclass(frozen=True)
-class CMAParameters:
-    """Strategy parameters fixed by D, popsize and the mode (pycma's defaults)."""
-
-    weights: list[float]
-    mu: int
-    mueff: float
-    cc: float
-    c1: float
-    cmu: float
-    cs: float
-    damps: float
-    chi_n: float
-    tpa_damp: float
-    eigen_update_gap: float
-
-    @classmethod
-    def default(
-        cls, dim: int, popsize: int, diagonal: bool, sigma_adaptation: str, eigen_update_gap: float | None
-    ) -> "CMAParameters":
-        weights = log_weights(popsize)
-        mu = sum(w > 0 for w in weights)
-        mueff = 1 / sum(w * w for w in weights[:mu])
-        c1_full = min(1, popsize / 6) * 2 / ((dim + 1.3) ** 2 + mueff)
-        cmu_full = min(1 - c1_full, 2 * (0.25 + mueff - 2 + 1 / mueff) / ((dim + 2) ** 2 + 2 * mueff / 2))
-        if diagonal:
-            cc = (1 + 1 / dim + mueff / dim) / (dim**0.5 + 1 / dim + 2 * mueff / dim)
-            c1 = 1 / (dim + 2 * dim**0.5 + mueff / dim)
-            cmu = min(1 - c1, (0.25 + mueff + 1 / mueff - 2) / (dim + 4 * dim**0.5 + mueff / 2))
-        else:
-            cc = (4 + mueff / dim) / (dim + (4 + 2 * mueff / dim))
-            c1, cmu = c1_full, cmu_full
-        if sigma_adaptation == "csa":
-            cs = min(0.5, (mueff + 2) / (dim + mueff + 3))
-        else:  # TPA keeps p_sigma (for h_sigma) with the unclipped rate
-            cs = (mueff + 2) / (dim + mueff + 3)
-        inner = max(1.0, 3 * (1 - 0.5 ** (dim / 9)))
-        damps = 0.5 + 0.5 + 2 * max(0.0, inner * ((mueff - 1) / (dim + 1)) ** 0.5 - 1) + cs
-        return cls(
-            weights=scale_negative_weights(weights, dim, c1, cmu, positive_definite=not diagonal),
-            mu=mu,
-            mueff=mueff,
-            cc=cc,
-            c1=c1,
-            cmu=cmu,
-            cs=cs,
-            damps=damps,
-            chi_n=expected_norm(dim),
-            tpa_damp=0.7 + 2 * math.log(dim) + 2 * math.log(max(1, popsize - dim)),
-            eigen_update_gap=(
-                1 / (c1_full + cmu_full + 1e-23) / dim / 10 if eigen_update_gap is None else eigen_update_gap
-            ),
-        )
 
 
 class CMAESStrategy(Strategy):
     """CMA-ES (pycma's defaults) over flat parameter vectors, in torch.
 
     Args:
+        num_params: D, the length of the flat parameter vector.
         popsize: lambda, candidates per generation (>= 2); `ask` always returns
             a whole generation and `tell` takes one.
         sigma0: initial step size (> 0).
-        init_sigma: std of the random initial mean x0 ~ N(0, init_sigma^2),
-            drawn from the strategy's generator at the first `ask`.
+        init_sigma: std of the random initial mean x0 ~ N(0, init_sigma^2) that `start` draws.
         x0: initial mean instead (a module or a flat [D] tensor).
         diagonal: separable CMA-ES (pycma's ``CMA_diagonal=True``), O(D) memory;
             "auto" chooses it when D > AUTO_DIAGONAL_ABOVE.
@@ -163,22 +49,18 @@ class CMAESStrategy(Strategy):
         dtype: dtype of the internal state (mean, sigma, paths, C, B, D).
         candidate_dtype: dtype of the candidates `ask` returns (the model's).
         seed: seed of the strategy's generator.
-        num_params: D; may instead be given later through `setup(D)`.
         validate_scores: check told scores for NaN and range (one host sync).
 
-    The fitness pycma minimises is minus the mean of the told scores. The state
-    is pycma's: `mean`, `sigma`, `p_sigma`, `p_c`, the covariance `C` ([D, D],
-    or its diagonal [D] when separable), its eigenvectors `B` (columns) and the
-    square roots `D` of its eigenvalues (the coordinate stds when separable),
-    as of the last eigendecomposition. `tell` recomputes each step
-    y = (x - mean) / sigma from the told candidates, which must be those of
-    the last `ask`, in its order (with TPA the first two are the mirrored pair).
+    `start(score)` sets the mean and scores nothing; `tell` takes the candidates
+    of the last `ask`, in its order. pycma minimises minus the mean told score.
+    The state is pycma's: `mean`, `sigma`, `p_sigma`, `p_c`, `C` ([D, D], or its
+    diagonal [D]), its eigenvectors `B` (columns) and the square roots `D` of its
+    eigenvalues (the coordinate stds when separable), and TPA's `tpa_s`.
     """
-
-    resizable_buffers = ("mean", "p_sigma", "p_c", "C", "B", "D", "mean_shift", "best_x", "last_scores")
 
     def __init__(
         self,
+        num_params: int,
         popsize: int = 20,
         sigma0: float = PAPER_SIGMA,
         init_sigma: float = PAPER_SIGMA,
@@ -189,166 +71,79 @@ class CMAESStrategy(Strategy):
         dtype: torch.dtype = torch.float64,
         candidate_dtype: torch.dtype = torch.float32,
         seed: int = 0,
-        num_params: int | None = None,
         validate_scores: bool = True,
     ) -> None:
-        super().__init__(seed=seed, validate_scores=validate_scores)
-        self.popsize = self.check_positive_int("popsize", popsize, 2)
-        self.sigma0 = self.check_non_negative("sigma0", sigma0)
-        if self.sigma0 == 0:
-            raise ValueError("sigma0 must be > 0, got 0")
-        self.init_sigma = self.check_non_negative("init_sigma", init_sigma)
-        if diagonal not in (True, False, "auto"):
-            raise ValueError(f"diagonal must be True, False or 'auto', got {diagonal!r}")
-        if sigma_adaptation not in ("auto", "csa", "tpa"):
-            raise ValueError(f"sigma_adaptation must be 'auto', 'csa' or 'tpa', got {sigma_adaptation!r}")
-        if eigen_update_gap is not None:
-            eigen_update_gap = self.check_non_negative("eigen_update_gap", eigen_update_gap)
-        for name, value in (("dtype", dtype), ("candidate_dtype", candidate_dtype)):
-            if not isinstance(value, torch.dtype) or not value.is_floating_point:
-                raise ValueError(f"{name} must be a floating-point torch.dtype, got {value!r}")
-        self.requested_diagonal = diagonal
-        self.requested_sigma_adaptation = sigma_adaptation
-        self.requested_eigen_update_gap = eigen_update_gap
-        self.candidate_dtype = candidate_dtype
+        super().__init__(num_params, seed=seed, validate_scores=validate_scores)
+        dim = self.num_params
+        self.popsize = check_positive_int("popsize", popsize, 2)
+        self.sigma0 = cp.check_positive("sigma0", sigma0)
+        self.init_sigma = check_non_negative("init_sigma", init_sigma)
+        dtype = cp.check_float_dtype("dtype", dtype)
+        self.candidate_dtype = cp.check_float_dtype("candidate_dtype", candidate_dtype)
         self._x0 = flat_vector(x0).to(dtype) if x0 is not None else None
-        # Resolved by setup (they depend on D):
-        self.diagonal: bool | None = None
-        self.sigma_adaptation: str | None = None
-        self.params: CMAParameters | None = None
-        self.generation = 0
-        self.eigen_updated_at = 0
-        self._started = False
+        if self._x0 is not None and self._x0.numel() != dim:
+            raise ValueError(f"x0 has {self._x0.numel()} parameters but the model being evolved has {dim}")
+        self.diagonal, self.sigma_adaptation = cp.resolve_mode(dim, diagonal, sigma_adaptation)
+        self.params = cp.CMAParameters.default(dim, popsize, self.diagonal, self.sigma_adaptation, eigen_update_gap)
+        self.generation = self.eigen_updated_at = 0  # generations told; the one of the last eigh
 
-        self.register_buffer("mean", torch.zeros(0, dtype=dtype))
-        self.register_buffer("sigma", torch.tensor(self.sigma0, dtype=dtype))
-        self.register_buffer("p_sigma", torch.zeros(0, dtype=dtype))
-        self.register_buffer("p_c", torch.zeros(0, dtype=dtype))
-        self.register_buffer("C", torch.zeros(0, dtype=dtype))
-        self.register_buffer("B", torch.zeros(0, dtype=dtype))
-        self.register_buffer("D", torch.zeros(0, dtype=dtype))
-        self.register_buffer("mean_shift", torch.zeros(0, dtype=dtype))
-        self.register_buffer("tpa_s", torch.zeros((), dtype=dtype))
-        self.register_buffer("best_x", torch.zeros(0, dtype=candidate_dtype))
-        self.register_buffer("best_score", torch.tensor(-math.inf, dtype=dtype))
-        self.register_buffer("last_scores", torch.zeros(0, 0, dtype=dtype))
-        self.register_buffer("weights", torch.zeros(0, dtype=dtype), persistent=False)
-        if num_params is not None or x0 is not None:
-            self.setup(num_params if num_params is not None else self._x0.numel())
+        kw = {"dtype": dtype}
+        for name in ("mean", "p_sigma", "p_c", "mean_shift"):
+            self.register_buffer(name, torch.zeros(dim, **kw))
+        self.register_buffer("sigma", torch.tensor(self.sigma0, **kw))
+        for name, value in zip("CBD", cp.initial_covariance(dim, self.diagonal, dtype)):
+            self.register_buffer(name, value)
+        self.register_buffer("tpa_s", torch.zeros((), **kw))
+        self.register_buffer("best_x", torch.zeros(dim, dtype=candidate_dtype))
+        self.register_buffer("best_score", torch.tensor(-math.inf, **kw))
+        # [popsize, N]: N is known at the first tell only (see _load_from_state_dict).
+        self.register_buffer("last_scores", torch.zeros(0, 0, **kw))
+        self.register_buffer("weights", torch.tensor(self.params.weights, **kw), persistent=False)
 
-    # -------------------------------------------------------------------- setup
     @property
     def dtype(self) -> torch.dtype:
         return self.mean.dtype
 
-    def setup(self, num_params: int) -> None:
-        """Fix D and allocate the state (a no-op when D is already set)."""
-        if not self.claim_num_params(num_params):
-            return
-        if self._x0 is not None and self._x0.numel() != num_params:
-            raise ValueError(f"x0 has {self._x0.numel()} parameters but the model being evolved has {num_params}")
-        diagonal = num_params > AUTO_DIAGONAL_ABOVE if self.requested_diagonal == "auto" else self.requested_diagonal
-        adaptation = self.requested_sigma_adaptation
-        if adaptation == "auto":
-            adaptation = "tpa" if num_params >= TPA_DIMENSION else "csa"
-        self.num_params = num_params
-        self._configure(diagonal, adaptation)
-        kw = {"dtype": self.dtype, "device": self.device}
-        self.mean = torch.zeros(num_params, **kw)
-        self.p_sigma = torch.zeros(num_params, **kw)
-        self.p_c = torch.zeros(num_params, **kw)
-        self.mean_shift = torch.zeros(num_params, **kw)
-        self.best_x = torch.zeros(num_params, dtype=self.candidate_dtype, device=self.device)
-        if diagonal:
-            self.C = torch.ones(num_params, **kw)
-            self.D = torch.ones(num_params, **kw)
-        else:
-            variances = torch.exp(torch.arange(num_params, **kw) * (1e-4 / num_params))
-            self.C = torch.diag(variances)
-            self.B = torch.eye(num_params, **kw)
-            self.D = variances.sqrt()
-
-    def _configure(self, diagonal: bool, sigma_adaptation: str) -> None:
-        """Derive the strategy parameters for the set-up D and resolved mode."""
-        self.diagonal = diagonal
-        self.sigma_adaptation = sigma_adaptation
-        self.params = CMAParameters.default(
-            self.num_params, self.popsize, diagonal, sigma_adaptation, self.requested_eigen_update_gap
-        )
-        self.weights = torch.tensor(self.params.weights, dtype=self.dtype, device=self.device)
-
-    def _start(self) -> None:
-        """Set the initial mean x0 (drawn on the device, hence not in setup)."""
-        if self._started:
-            return
+    def _start(self, score: ScoreCandidates) -> None:
+        """Set the initial mean x0: the given one, or N(0, init_sigma^2) from the generator (`score` is unused)."""
         if self._x0 is not None:
             self.mean.copy_(self._x0)
         else:
             noise = torch.randn(self.num_params, generator=self.generator, dtype=self.dtype, device=self.device)
             self.mean.copy_(noise * self.init_sigma)
-        self._started = True
 
     # ------------------------------------------------------- linear algebra
-    def _sqrt_c(self, z: Tensor) -> Tensor:
-        """Rows z -> C^(1/2) z with the current B, D (pycma samples B (D z))."""
-        return z * self.D if self.diagonal else (z * self.D) @ self.B.mT
+    def _whiten(self, v: Tensor) -> Tensor:
+        """Rows v -> D^(-1) B^T v (C^(-1/2) v = B of it; its norm is the Mahalanobis length)."""
+        return v / self.D if self.diagonal else (v @ self.B) / self.D
 
-    def _inv_sqrt_c(self, v: Tensor) -> Tensor:
-        """Rows v -> C^(-1/2) v with the current B, D."""
-        return v / self.D if self.diagonal else ((v @ self.B) / self.D) @ self.B.mT
-
-    def _mahalanobis(self, v: Tensor) -> Tensor:
-        """||C^(-1/2) v|| per row, with the current B, D."""
-        return (v / self.D if self.diagonal else (v @ self.B) / self.D).norm(dim=-1)
-
-    def _maybe_decompose(self) -> None:
-        """Refresh B, D from C when pycma's lazy-update gap has passed."""
-        since = self.generation - self.eigen_updated_at
-        gap = self.params.eigen_update_gap
+    def _update_eigensystem(self) -> None:
+        """C = B diag(D^2) B^T, refreshed lazily (tutorial, Appendix B.2, "Strategy internal
+        numerical effort"): only once `eigen_update_gap` generations have passed, as pycma."""
+        since, gap = self.generation - self.eigen_updated_at, self.params.eigen_update_gap
         if since < gap or since == gap == 0:
             return
-        if not torch.isfinite(self.C).all():
-            raise RuntimeError("the covariance matrix has non-finite entries; check the told scores")
-        symmetrize_(self.C)
         self.B = self.B.new_zeros(0)  # free it before eigh allocates the new one
-        old_d = self.D
-        for _ in range(MAX_EIGEN_ATTEMPTS):
-            try:
-                eigenvalues, eigenvectors = torch.linalg.eigh(self.C)
-                if bool(eigenvalues.min() > 0):
-                    break
-            except torch.linalg.LinAlgError:
-                pass
-            # pycma's recovery: lift the spectrum by the smallest previous eigenvalue.
-            lift = old_d.min().square()
-            self.C.diagonal().add_(lift)
-            old_d = (old_d.square() + lift).sqrt()
-        else:
-            raise RuntimeError(f"C is not positive definite after {MAX_EIGEN_ATTEMPTS} lifts of its diagonal")
-        self.B = eigenvectors
-        self.D = eigenvalues.sqrt()
+        self.D, self.B = cp.eigendecompose_(self.C, self.D)
         self.eigen_updated_at = self.generation
 
     # ----------------------------------------------------------------- protocol
     @torch.no_grad()
     def ask(self, k: int | None = None) -> Tensor:
-        """One generation [popsize, D]; with TPA the first two are mirrored along the last mean shift."""
-        dim = self.require_setup()
-        k = self.popsize if k is None else self.check_positive_int("k", k, 1)
+        """One generation x_k = m + sigma B D z_k, z_k ~ N(0, I) (tutorial eqs. 38-40) [popsize, D];
+        with TPA the first two are mirrored along the last mean shift."""
+        k = self.check_k(k)
         if k != self.popsize:
-            raise ValueError(
-                f"CMA-ES samples whole generations: k must equal popsize = {self.popsize} (or be None), got {k}"
-            )
-        self._start()
+            raise ValueError(f"CMA-ES asks whole generations: k must be popsize = {self.popsize} (or None), got {k}")
         if not self.diagonal:
-            self._maybe_decompose()
-        mirrored = self.sigma_adaptation == "tpa" and self.generation > 0
+            self._update_eigensystem()
+        dim, mirrored = self.num_params, self.sigma_adaptation == "tpa" and self.generation > 0
         z = torch.randn(k - 2 if mirrored else k, dim, generator=self.generator, dtype=self.dtype, device=self.device)
-        steps = self._sqrt_c(z)
+        steps = z * self.D if self.diagonal else (z * self.D) @ self.B.mT  # C^(1/2) z = B (D z), as pycma
         if mirrored:
             # The mean shift, rescaled to the Mahalanobis length of a random sample.
             length = torch.randn(dim, generator=self.generator, dtype=self.dtype, device=self.device).norm()
-            norm = self._mahalanobis(self.mean_shift)
+            norm = self._whiten(self.mean_shift).norm(dim=-1)
             line = self.mean_shift * torch.where(norm > 0, length / norm, torch.zeros_like(norm))
             steps = torch.cat([line[None], -line[None], steps])
         return (self.mean + self.sigma * steps).to(self.candidate_dtype)
@@ -361,60 +156,82 @@ class CMAESStrategy(Strategy):
 
     @torch.no_grad()
     def _tell(self, candidates: Tensor, scores: Tensor) -> None:
-        self._start()
-        p, dim = self.params, self.num_params
-        x = candidates.to(self.mean)
-        self.last_scores = scores.to(self.mean, copy=True)
-        mean_scores = self.last_scores.mean(dim=1)
-        self._track_best(candidates, mean_scores)
-        fitness = -mean_scores  # pycma minimises
-        order = torch.argsort(fitness, stable=True)
+        """One generation's updates, in the order of the tutorial's summary (eqs. 41-47)."""
+        fitness = self._record(candidates, scores)
         self.generation += 1
-        sigma = self.sigma.clone()
-        sorted_x = x[order]
-        new_mean = self.weights[: p.mu] @ sorted_x[: p.mu]
-        shift = new_mean - self.mean
-        steps = (sorted_x - self.mean) / sigma
-
-        # Evolution paths, with B, D as sampled (before C changes).
-        cs, cc = p.cs, p.cc
-        self.p_sigma.mul_(1 - cs).add_(self._inv_sqrt_c(shift) * ((cs * (2 - cs)) ** 0.5 * p.mueff**0.5 / sigma))
-        squared = self.p_sigma.square().sum() / (1 - (1 - cs) ** (2 * self.generation))
-        hsig = (squared / dim - 1 < 1 + 4 / (dim + 1)).to(self.dtype)
-        scaling = self.D if self.diagonal else 1.0
-        self.p_c.mul_(1 - cc).add_(shift / scaling * (hsig * (cc * (2 - cc) * p.mueff) ** 0.5 / sigma))
-        c1a = p.c1 * (1 - (1 - hsig) * cc * (2 - cc))  # makes up for the variance a stalled p_c misses
-        if self.diagonal:
-            self._update_diagonal(steps, c1a)
-        else:
-            self._update_full(steps, c1a)
-
-        if self.sigma_adaptation == "csa":
-            change = (self.p_sigma.norm() / p.chi_n - 1) * (cs / p.damps)
-            self.sigma.mul_(change.clamp(-1, 1).exp())
-        else:
-            # TPA: rank difference of the mirrored pair (told first) along the last mean shift.
-            rank_gap = ((fitness < fitness[1]).sum() - (fitness < fitness[0]).sum()).to(self.dtype)
-            rank_gap = rank_gap / (self.popsize - 1)
-            self.tpa_s.mul_(0.7).add_(0.3 * rank_gap.sign() * rank_gap.abs().sqrt())
-            self.sigma.mul_((self.tpa_s / p.tpa_damp).exp())
+        sigma = self.sigma.clone()  # this generation's sigma (the step-size update comes last)
+        sorted_x = candidates.to(self.mean)[torch.argsort(fitness, stable=True)]  # x_{i:lambda}
+        new_mean = self._recombine(sorted_x)
+        shift = new_mean - self.mean  # sigma <y>_w
+        steps = (sorted_x - self.mean) / sigma  # y_{i:lambda}
+        self._update_p_sigma(shift, sigma)
+        hsig = self._h_sigma()
+        self._update_p_c(shift, sigma, hsig)
+        self._update_covariance(steps, hsig)
+        self._update_sigma(fitness)
         self.mean.copy_(new_mean)
         self.mean_shift.copy_(shift)
         self.forward_passes += len(candidates)
 
-    def _update_full(self, steps: Tensor, c1a: Tensor) -> None:
-        """C <- (1 - c1a - cmu sum w) C + c1 p_c p_c^T + cmu sum w_i y_i y_i^T, with
-        negative-weight steps rescaled to Mahalanobis length sqrt(D)."""
+    def _record(self, candidates: Tensor, scores: Tensor) -> Tensor:
+        """Keep the generation's scores and the best candidate; the fitness -mean score (pycma minimises)."""
+        if self.num_resources is None:
+            self.num_resources = scores.shape[1]
+        self.last_scores = scores.to(self.mean, copy=True)
+        mean_scores = self.last_scores.mean(dim=1)
+        best = mean_scores.argmax()
+        better = mean_scores[best] > self.best_score
+        self.best_score.copy_(torch.where(better, mean_scores[best], self.best_score))
+        self.best_x.copy_(torch.where(better, candidates[best].to(self.best_x), self.best_x))
+        return -mean_scores
+
+    def _recombine(self, sorted_x: Tensor) -> Tensor:
+        """Selection and recombination, tutorial eqs. 41-42 with c_m = 1: the new mean
+        m + sigma <y>_w = sum_{i <= mu} w_i x_{i:lambda} over the mu positive weights."""
+        return self.weights[: self.params.mu] @ sorted_x[: self.params.mu]
+
+    def _update_p_sigma(self, shift: Tensor, sigma: Tensor) -> None:
+        """Conjugate evolution path, tutorial eq. 43 (B, D as sampled, before C changes):
+        p_sigma <- (1 - c_s) p_sigma + sqrt(c_s (2 - c_s) mueff) C^(-1/2) <y>_w."""
+        cs, mueff = self.params.cs, self.params.mueff
+        whitened = self._whiten(shift) if self.diagonal else self._whiten(shift) @ self.B.mT  # C^(-1/2) sigma <y>_w
+        self.p_sigma.mul_(1 - cs).add_(whitened * ((cs * (2 - cs)) ** 0.5 * mueff**0.5 / sigma))
+
+    def _h_sigma(self) -> Tensor:
+        """h_sigma (tutorial, below eq. 47): 1 unless p_sigma is long, stalling p_c. pycma's
+        form: ||p_sigma||^2 / (1 - (1 - c_s)^(2g)) / D < 2 + 4 / (D + 1), g generations told."""
+        dim, cs = self.num_params, self.params.cs
+        squared = self.p_sigma.square().sum() / (1 - (1 - cs) ** (2 * self.generation))
+        return (squared / dim - 1 < 1 + 4 / (dim + 1)).to(self.dtype)
+
+    def _update_p_c(self, shift: Tensor, sigma: Tensor, hsig: Tensor) -> None:
+        """Evolution path, tutorial eq. 45: p_c <- (1 - c_c) p_c + h_sigma sqrt(c_c (2 - c_c) mueff) <y>_w
+        (separable: in the coordinates scaled by D, as pycma)."""
+        cc, mueff = self.params.cc, self.params.mueff
+        scaling = self.D if self.diagonal else 1.0
+        self.p_c.mul_(1 - cc).add_(shift / scaling * (hsig * (cc * (2 - cc) * mueff) ** 0.5 / sigma))
+
+    def _update_covariance(self, steps: Tensor, hsig: Tensor) -> None:
+        """Covariance matrix adaptation, tutorial eq. 47, rank-one (p_c) plus rank-mu with active weights:
+
+        C <- (1 + c_1 delta(h_sigma) - c_1 - c_mu sum w_j) C + c_1 p_c p_c^T + c_mu sum w°_i y_i y_i^T,
+        delta(h_sigma) = (1 - h_sigma) c_c (2 - c_c) making up for a stalled p_c, and (eq. 46) w°_i =
+        w_i n / ||C^(-1/2) y_i||^2 (n = num_params) for the negative weights. Separable: `_update_diagonal`.
+        """
         p = self.params
+        c1a = p.c1 * (1 - (1 - hsig) * p.cc * (2 - p.cc))  # c_1 (1 - delta(h_sigma))
+        if self.diagonal:
+            self._update_diagonal(steps, c1a)
+            return
         coefficients = p.cmu * self.weights
         decay = 1 - c1a - coefficients.sum()
-        tail = coefficients[p.mu :] * (self.num_params / (self._mahalanobis(steps[p.mu :]) + 1e-9) ** 2)
+        tail = coefficients[p.mu :] * (self.num_params / (self._whiten(steps[p.mu :]).norm(dim=-1) + 1e-9) ** 2)
         coefficients = torch.cat([coefficients.new_full((1,), p.c1), coefficients[: p.mu], tail])
         vectors = torch.cat([self.p_c[None], steps])
         self.C.mul_(decay).addmm_(vectors.mT * coefficients, vectors)
 
     def _update_diagonal(self, steps: Tensor, c1a: Tensor) -> None:
-        """pycma's separable update: multiply the coordinate stds D by
+        """pycma's separable update (`CMA_diagonal`): multiply the coordinate stds D by
         exp((sum_i c_i (z_i^2 - 1)) / 2) with c = log(2) [c1a, cmu w], z = [p_c, y / D]."""
         p = self.params
         coefficients = math.log(2) * torch.cat([c1a.reshape(1), p.cmu * self.weights])
@@ -422,60 +239,62 @@ class CMAESStrategy(Strategy):
         self.D.mul_(((coefficients @ squares - coefficients.sum()) / 2).exp())
         self.C.copy_(self.D.square())
 
-    def _track_best(self, candidates: Tensor, mean_scores: Tensor) -> None:
-        best = mean_scores.argmax()
-        better = mean_scores[best] > self.best_score
-        self.best_score.copy_(torch.where(better, mean_scores[best], self.best_score))
-        self.best_x.copy_(torch.where(better, candidates[best].to(self.best_x), self.best_x))
+    def _update_sigma(self, fitness: Tensor) -> None:
+        """Step size: CSA, tutorial eq. 44, sigma <- sigma exp(c_s / d_s (||p_sigma|| / E||N(0, I)|| - 1)),
+        the exponent clipped to [-1, 1] as pycma; or TPA (Hansen 2008, arXiv:0805.0231, as pycma's
+        `CMAAdaptSigmaTPA`): s <- 0.7 s + 0.3 sign(r) |r|^(1/2) from the rank difference r of the
+        mirrored pair (told first), sigma <- sigma exp(s / d_TPA)."""
+        p = self.params
+        if self.sigma_adaptation == "csa":
+            change = (self.p_sigma.norm() / p.chi_n - 1) * (p.cs / p.damps)
+            self.sigma.mul_(change.clamp(-1, 1).exp())
+            return
+        rank_gap = ((fitness < fitness[1]).sum() - (fitness < fitness[0]).sum()).to(self.dtype) / (self.popsize - 1)
+        self.tpa_s.mul_(0.7).add_(0.3 * rank_gap.sign() * rank_gap.abs().sqrt())
+        self.sigma.mul_((self.tpa_s / p.tpa_damp).exp())
 
     @property
     def candidates_per_step(self) -> int:
         return self.popsize
 
     def population(self) -> tuple[Tensor, Tensor]:
-        """Scores [popsize, N] of the last generation told and their means (the fitness
-        maximised); empty before the first tell."""
+        """Scores [popsize, N] of the last generation told and their means (the fitness); empty before."""
         return self.last_scores, self.last_scores.mean(dim=1)
 
     def best_params(self) -> Tensor:
-        """The told candidate with the highest mean score so far (the first on ties);
-        the initial mean before any tell."""
-        self.require_setup()
-        self._start()
+        """The told candidate with the highest mean score so far (first on ties); before any, the mean."""
+        if not self.started:
+            raise RuntimeError(f"{type(self).__name__} has not started: call start(score) first")
         return torch.where(torch.isinf(self.best_score), self.mean.to(self.best_x), self.best_x)
+
+    def settings(self) -> dict[str, Any]:
+        """The base's, popsize, sigma0, init_sigma, whether x0 was given, the resolved mode and gap, dtypes."""
+        return {
+            **super().settings(), "popsize": self.popsize, "sigma0": self.sigma0, "init_sigma": self.init_sigma,
+            "x0_given": self._x0 is not None, "diagonal": self.diagonal, "sigma_adaptation": self.sigma_adaptation,
+            "eigen_update_gap": self.params.eigen_update_gap, "dtype": str(self.dtype).removeprefix("torch."),
+            "candidate_dtype": str(self.candidate_dtype).removeprefix("torch."),
+        }  # fmt: skip
 
     # -------------------------------------------------------------------- state
     def extra_state(self) -> dict[str, Any]:
-        return {
-            "popsize": self.popsize,
-            "diagonal": self.diagonal,
-            "sigma_adaptation": self.sigma_adaptation,
-            "generation": self.generation,
-            "eigen_updated_at": self.eigen_updated_at,
-            "started": self._started,
-        }
+        mode = {"popsize": self.popsize, "diagonal": self.diagonal, "sigma_adaptation": self.sigma_adaptation}
+        return {**mode, "generation": self.generation, "eigen_updated_at": self.eigen_updated_at}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state["popsize"] != self.popsize:
-            raise ValueError(f"the saved strategy has popsize {state['popsize']}, this one {self.popsize}")
         self.generation = state["generation"]
         self.eigen_updated_at = state["eigen_updated_at"]
-        self._started = state["started"]
-        if self.num_params is not None:
-            self._configure(state["diagonal"], state["sigma_adaptation"])
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The saved strategy first: a ValueError naming the difference, before any shape error.
+        shaping = ("num_params", "popsize", "diagonal", "sigma_adaptation")
+        expected = {"strategy": type(self).__name__, **{key: getattr(self, key) for key in shaping}}
+        cp.check_saved_settings(state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX), expected)
+        # last_scores [popsize, N] is the one buffer sized at the first tell: take the saved size ([0, 0] too).
+        saved = state_dict.get(prefix + "last_scores")
+        if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] in (0, self.popsize):
+            self.last_scores = torch.empty(saved.shape, dtype=self.dtype, device=self.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (
-            f"popsize={self.popsize}, sigma0={self.sigma0}, diagonal={self.requested_diagonal}, "
-            f"sigma_adaptation={self.requested_sigma_adaptation}, dtype={self.dtype}"
-        )
-
-
-def symmetrize_(matrix: Tensor, block: int = 2048) -> None:
-    """matrix <- (matrix + matrix^T) / 2 in place, a block of rows at a time (no [D, D] copy)."""
-    n = matrix.shape[0]
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        average = (matrix[start:stop, start:] + matrix[start:, start:stop].mT) / 2
-        matrix[start:stop, start:].copy_(average)
-        matrix[start:, start:stop].copy_(average.mT)
+        return ", ".join(f"{name}={value}" for name, value in self.settings().items())

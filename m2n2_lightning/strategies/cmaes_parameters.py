@@ -1,4 +1,4 @@
-"""CMA-ES strategy parameters as pycma (`cma` 4.x) sets them by default, and the mode they depend on.
+"""CMA-ES settings and the strategy parameters pycma (`cma` 4.x) derives from them by default.
 
 Pure functions of D, popsize and the mode (full or separable covariance, CSA
 or TPA step-size adaptation): the recombination weights with pycma's active
@@ -8,14 +8,20 @@ eigendecompositions. The defaults follow Table 1 (Appendix A) of Hansen's
 tutorial ("The CMA Evolution Strategy: A Tutorial", arXiv:1604.00772) where
 pycma does, and pycma where it departs from it (its separable rates, its
 capped CSA rate, `Mh.chiN`); tests/test_cmaes.py compares every value with pycma's.
+Here too: the checks of the settings (at construction and of a saved state),
+and the initial covariance and its eigendecomposition, as functions of tensors.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
+
+from m2n2_lightning.strategies.base import check_non_negative
 
 #: `diagonal="auto"` uses separable CMA-ES above this D. A full covariance
 #: holds about three [D, D] float64 matrices (C, its eigenvectors B and the
@@ -23,6 +29,8 @@ from torch import Tensor
 AUTO_DIAGONAL_ABOVE = 20_000
 #: From this dimension on, pycma adapts sigma by TPA instead of CSA.
 TPA_DIMENSION = 300
+#: Eigendecompositions tried, lifting the diagonal of C in between, before giving up.
+MAX_EIGEN_ATTEMPTS = 10
 
 
 def resolve_mode(dim: int, diagonal: bool | str, sigma_adaptation: str) -> tuple[bool, str]:
@@ -39,6 +47,36 @@ def resolve_mode(dim: int, diagonal: bool | str, sigma_adaptation: str) -> tuple
     if sigma_adaptation == "auto":
         sigma_adaptation = "tpa" if dim >= TPA_DIMENSION else "csa"
     return separable, sigma_adaptation
+
+
+def check_positive(name: str, value: Any) -> float:
+    """`value` as a float if it is a finite number > 0, else a ValueError naming `name`."""
+    if check_non_negative(name, value) == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def check_float_dtype(name: str, value: Any) -> torch.dtype:
+    """`value` if it is a floating-point torch.dtype, else a ValueError naming `name`."""
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point torch.dtype, got {value!r}")
+    return value
+
+
+def check_saved_settings(state: Any, expected: dict[str, Any]) -> None:
+    """ValueError naming the difference unless the saved extra state `state` is of the
+    strategy class `expected["strategy"]` with the same values for the other keys."""
+    name = expected["strategy"]
+    if not isinstance(state, dict) or "strategy" not in state:
+        raise ValueError(f"the state_dict holds no strategy state ('_extra_state'), so it is not a {name}'s")
+    if state["strategy"] != name:
+        raise ValueError(f"the state_dict is a {state['strategy']}'s, not a {name}'s")
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise ValueError(
+                f"the saved {name} has {key} = {state.get(key)!r}, this one {value!r}; "
+                f"build it with {key}={state.get(key)!r}"
+            )
 
 
 def expected_norm(dim: int) -> float:
@@ -103,8 +141,10 @@ class CMAParameters:
     @classmethod
     def default(
         cls, dim: int, popsize: int, diagonal: bool, sigma_adaptation: str, eigen_update_gap: float | None
-    ) -> "CMAParameters":
+    ) -> CMAParameters:
         """pycma's defaults for D = `dim`; `eigen_update_gap` None is its 1 / (c1 + cmu) / D / 10."""
+        if eigen_update_gap is not None:
+            eigen_update_gap = check_non_negative("eigen_update_gap", eigen_update_gap)
         weights = log_weights(popsize)
         mu = sum(w > 0 for w in weights)
         mueff = 1 / sum(w * w for w in weights[:mu])
@@ -148,3 +188,36 @@ def symmetrize_(matrix: Tensor, block: int = 2048) -> None:
         average = (matrix[start:stop, start:] + matrix[start:, start:stop].mT) / 2
         matrix[start:stop, start:].copy_(average)
         matrix[start:, start:stop].copy_(average.mT)
+
+
+def initial_covariance(dim: int, diagonal: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """pycma's initial (C, B, D): C = diag(exp(1e-4 i / D)), its tie-breaker for eigh, with
+    B = I and D = sqrt(diag C); separable: C = D = ones [D] and no B (an empty tensor)."""
+    if diagonal:
+        return torch.ones(dim, dtype=dtype), torch.zeros(0, dtype=dtype), torch.ones(dim, dtype=dtype)
+    variances = torch.exp(torch.arange(dim, dtype=dtype) * (1e-4 / dim))
+    return torch.diag(variances), torch.eye(dim, dtype=dtype), variances.sqrt()
+
+
+def eigendecompose_(covariance: Tensor, previous_d: Tensor) -> tuple[Tensor, Tensor]:
+    """(D, B) of C = B diag(D^2) B^T, D ascending, B's columns the eigenvectors.
+
+    C is symmetrized in place first. Where eigh fails or finds an eigenvalue
+    <= 0, the diagonal of C is lifted in place by the smallest previous
+    eigenvalue (`previous_d` squared) and eigh tried again, as pycma recovers,
+    up to MAX_EIGEN_ATTEMPTS times.
+    """
+    if not torch.isfinite(covariance).all():
+        raise RuntimeError("the covariance matrix has non-finite entries; check the told scores")
+    symmetrize_(covariance)
+    for _ in range(MAX_EIGEN_ATTEMPTS):
+        try:
+            eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+            if bool(eigenvalues.min() > 0):
+                return eigenvalues.sqrt(), eigenvectors
+        except torch.linalg.LinAlgError:
+            pass
+        lift = previous_d.min().square()
+        covariance.diagonal().add_(lift)
+        previous_d = (previous_d.square() + lift).sqrt()
+    raise RuntimeError(f"C is not positive definite after {MAX_EIGEN_ATTEMPTS} lifts of its diagonal")
