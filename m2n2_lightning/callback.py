@@ -155,9 +155,10 @@ class M2N2Callback(Callback):
         for name, value in (("max_resources", max_resources), ("chunk_size", chunk_size), ("block_size", block_size)):
             if value is not None:
                 check_positive_int(name, value, 1)
-        if evaluate is not None and (resources is None or isinstance(resources, (tuple, list))):
+        if evaluate is not None and (resources is None or isinstance(resources, tuple)):
             raise ValueError(
-                "evaluate=... scores each candidate on a fixed-order Dataset or DataLoader: pass it as resources=..."
+                "evaluate=... scores each candidate on a fixed-order dataset (a Dataset, a list, or a DataLoader): "
+                "pass it as resources=..."
             )
         if evaluate is not None and not callable(evaluate):
             raise ValueError(f"evaluate must be a callable (module, batch) -> scores [B], got {evaluate!r}")
