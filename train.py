@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (m2n2_lightning/threads.py)
+
 import json
 import logging
 import signal
@@ -27,6 +31,7 @@ from m2n2_lightning.config import register_schema, steps_for
 from m2n2_lightning.metrics import save_accuracy_curves
 from m2n2_lightning.progress import EvolutionProgressBar
 from m2n2_lightning.stopping import exit_code
+from m2n2_lightning.threads import auto_threads
 from m2n2_lightning.strategies.base import build_strategy
 
 register_schema()
@@ -51,6 +56,7 @@ def main(cfg: DictConfig) -> dict | float:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, in_features=cfg.model.get("in_features") or datamodule.input_dim)
     flat = FlatParams(model)
+    torch.set_num_threads(cfg.threads or auto_threads(flat.num_params, datamodule.num_train))
     strategy = build_strategy(instantiate(cfg.strategy), flat.num_params, layout=flat.layout)
     per_step = cfg.module.steps_per_batch * strategy.candidates_per_step  # forward passes per training step
     max_steps = steps_for(cfg.forward_passes, per_step)  # checks forward_passes, in the config's own terms

@@ -19,6 +19,7 @@ class RunSchema:
     checkpoint_every: int = 5000
     ckpt_path: Optional[str] = None
     allow_resume_changes: bool = False
+    threads: Optional[int] = None
     callbacks: Any = field(default_factory=dict)
     optimized_metric: Optional[str] = None
     module: Any = field(default_factory=dict)
