@@ -63,8 +63,8 @@ def time_ours(
             torch.cuda.synchronize()
 
     start = time.perf_counter()
-    strategy = CMAESStrategy(popsize=popsize, diagonal=diagonal).to(device)
-    strategy.setup(dim)
+    strategy = CMAESStrategy(num_params=dim, popsize=popsize, diagonal=diagonal).to(device)
+    strategy.start(lambda candidates: None)  # CMA-ES scores nothing at the start: it only draws its mean
     sync()
     setup = time.perf_counter() - start
     generator = torch.Generator(device=device).manual_seed(1)

@@ -11,7 +11,8 @@
 A method is a strategy config of conf/strategy/ (m2n2, cmaes, cmaes_diagonal,
 ga, ga_no_crossover, m2n2_no_crossover, m2n2_no_split_point,
 m2n2_no_matchmaker, map_elites), built by Hydra exactly as `train.py` builds
-it, and run by `EvolutionEngine` in a bare loop (no Trainer). In the merge
+it (the config is a factory, called with the model's D by `build_strategy`), and run by
+`EvolutionEngine` in a bare loop (no Trainer). In the merge
 setting the two specialists of `m2n2_lightning.specialists` are trained once
 per seed (Lightning + Adam) and given to the strategy as `init_models`
 (mutation is then off), and `slerp_brute_force` is the paper's other
@@ -56,8 +57,9 @@ from torch import Tensor, nn
 from m2n2_lightning.config import register_schema, steps_for
 from m2n2_lightning.engine import EvolutionEngine
 from m2n2_lightning.evaluator import Evaluator
-from m2n2_lightning.params import flat_vector
+from m2n2_lightning.params import FlatParams, flat_vector
 from m2n2_lightning.specialists import SPECIALIST_CLASSES, train_specialists
+from m2n2_lightning.strategies.base import build_strategy
 from m2n2_lightning.strategies.operators import slerp
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -197,16 +199,17 @@ def run(spec: RunSpec) -> list[dict[str, Any]]:
     torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
     data = instantiate(spec.data)
-    model = instantiate(spec.model).to(device)
+    model = instantiate(spec.model, in_features=spec.model.get("in_features") or data.input_dim).to(device)
     train, test = (tuple(t.to(device) for t in pair) for pair in (data.train_tensors, data.test_tensors))
     if spec.method == BRUTE_FORCE:
         return brute_force(spec, model, train, test)
-    extra = {"init_models": spec.init_models} if spec.init_models is not None else {}
-    strategy = instantiate(spec.strategy, **extra).to(device)
-    engine = EvolutionEngine(model, strategy, spec.score_fn, spec.chunk_size)
+    flat = FlatParams(model)
+    # The strategy config is a factory (`_partial_: true`): called with the model's D, as train.py does.
+    strategy = build_strategy(instantiate(spec.strategy), flat.num_params, spec.init_models, flat.layout).to(device)
+    engine = EvolutionEngine(model, strategy, spec.score_fn, spec.chunk_size, flat=flat)
     engine.attach(*train)
     recorder = Recorder(spec, model, train, test)
-    engine.initialize()
+    engine.start()
     recorder.after_step(0, strategy.best_params())
     try:
         for _ in range(steps_for(spec.forward_passes, strategy.candidates_per_step)):

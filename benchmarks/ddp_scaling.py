@@ -46,6 +46,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from report import write_section
+
 HERE = Path(__file__).resolve().parent
 SECTION = "## DDP scaling"
 #: (processes, threads per process)
@@ -61,6 +63,8 @@ CASES = {
 
 def worker(case: str, processes: int, threads: int, warmup: int, out: Path) -> None:
     """One timed fit; every rank writes its measurements to `out.<rank>`."""
+    from functools import partial
+
     import lightning as L
     import torch
 
@@ -73,7 +77,7 @@ def worker(case: str, processes: int, threads: int, warmup: int, out: Path) -> N
         data, model = DigitsDataModule(steps_per_epoch=1000), MLP(64, 256, 10)
     else:
         data, model = MNISTDataModule(train_size=resources, steps_per_epoch=1000), MLP(784, 256, 10)
-    module = EvolutionModule(model, M2N2Strategy(seed=0, children_per_step=k), heatmap=False)
+    module = EvolutionModule(model, partial(M2N2Strategy, seed=0, children_per_step=k), heatmap=False)
 
     class Timer(L.Callback):
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -92,7 +96,7 @@ def worker(case: str, processes: int, threads: int, warmup: int, out: Path) -> N
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
     trainer.fit(module, datamodule=data)
-    archive = module.strategy.archive.contiguous().view(torch.uint8).numpy()
+    archive = module.strategy.archive.members.contiguous().view(torch.uint8).numpy()
     result = {"wall": timer.wall, "cpu": timer.cpu, "forward_passes": timer.forward_passes,
               "archive_crc": zlib.crc32(archive)}
     Path(f"{out}.{trainer.global_rank}").write_text(json.dumps(result))
@@ -185,20 +189,6 @@ def markdown(rows: list[dict[str, Any]], command: str, repeats: int) -> str:
             f"{cells(found[(1, 2)])} | {statistics.median(r['load'] for r in found.values()):.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the "## DDP scaling" section, re-reading the file right before writing."""
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = current.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = lines[end:]
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + ([""] + rest if rest else [])) + "\n"
-    path.write_text(new)
 
 
 def main() -> None:

@@ -24,15 +24,17 @@ import csv
 import statistics
 import tempfile
 import time
+from functools import partial
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from m2n2_lightning import MLP, M2N2Strategy
+from m2n2_lightning import MLP, FlatParams, M2N2Strategy
 from m2n2_lightning.data import DigitsDataModule
 from m2n2_lightning.engine import EvolutionEngine
-from m2n2_lightning.module import EvolutionModule, EvolutionOptimizer
+from m2n2_lightning.module import EvolutionModule
+from m2n2_lightning.optimizer import EvolutionOptimizer
 
 
 class StepTimer:
@@ -51,6 +53,16 @@ class StepTimer:
     @property
     def per_call(self) -> float:
         return self.seconds / self.calls
+
+
+class TimeSteps(L.Callback):
+    """Puts a `StepTimer` on the module's engine once fit has built it (the callback's `setup`)."""
+
+    def __init__(self) -> None:
+        self.timer: StepTimer | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.timer = StepTimer(pl_module.engine)
 
 
 class EmptyStep(L.LightningModule):
@@ -75,27 +87,30 @@ def bare_loop(steps: int, seed: int, k: int, val_every: int, log_every: int, fol
     """
     data = DigitsDataModule()
     start = time.perf_counter()
-    engine = EvolutionEngine(MLP(), M2N2Strategy(seed=seed, children_per_step=k))
+    model = MLP()
+    engine = EvolutionEngine(model, M2N2Strategy(FlatParams(model).num_params, seed=seed, children_per_step=k))
     timer = StepTimer(engine)
     engine.attach(*data.train_tensors)
-    engine.initialize()
+    engine.start()
     val_x, val_y = data.val_tensors
     rows = []
     for step in range(1, steps + 1):
         engine.step()
         if step % log_every == 0:
             rows.append({"step": step, **{k: float(v) for k, v in engine.metrics().items()}})
-        if step % val_every == 0:
+        if data.val_size and step % val_every == 0:  # as Lightning: no validation split, no validation
             accuracy = (engine.model(val_x).argmax(-1) == val_y).float().mean()
             rows.append({"step": step, "val/acc": float(accuracy)})
     with open(f"{folder}/bare.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=sorted({k for row in rows for k in row}))
         writer.writeheader()
         writer.writerows(rows)
-    return time.perf_counter() - start, engine.strategy.archive.clone(), timer.per_call
+    return time.perf_counter() - start, engine.strategy.archive.members.clone(), timer.per_call
 
 
-def timed_fit(module: L.LightningModule, steps: int, val_every: int, log_every: int) -> float:
+def timed_fit(
+    module: L.LightningModule, steps: int, val_every: int, log_every: int, callbacks: list[L.Callback] | None = None
+) -> float:
     """Seconds of `trainer.fit` for `steps` steps on the digits, CSV logger, no checkpoints or progress bar."""
     with tempfile.TemporaryDirectory() as folder:
         trainer = L.Trainer(
@@ -107,6 +122,7 @@ def timed_fit(module: L.LightningModule, steps: int, val_every: int, log_every: 
             val_check_interval=val_every,
             check_val_every_n_epoch=None,
             log_every_n_steps=log_every,
+            callbacks=callbacks,
         )
         start = time.perf_counter()
         trainer.fit(module, datamodule=DigitsDataModule(steps_per_epoch=1000))
@@ -115,10 +131,10 @@ def timed_fit(module: L.LightningModule, steps: int, val_every: int, log_every: 
 
 def lightning_loop(steps: int, seed: int, k: int, val_every: int, log_every: int) -> tuple[float, torch.Tensor, float]:
     """`bare_loop`'s work under a Trainer; the same three results."""
-    module = EvolutionModule(MLP(), M2N2Strategy(seed=seed, children_per_step=k), heatmap=False)
-    timer = StepTimer(module.engine)  # before fit: configure_optimizers hands the optimizer engine.step
-    seconds = timed_fit(module, steps, val_every, log_every)
-    return seconds, module.strategy.archive.clone(), timer.per_call
+    module = EvolutionModule(MLP(), partial(M2N2Strategy, seed=seed, children_per_step=k), heatmap=False)
+    timing = TimeSteps()
+    seconds = timed_fit(module, steps, val_every, log_every, [timing])
+    return seconds, module.strategy.archive.members.clone(), timing.timer.per_call
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from m2n2_lightning import M2N2Callback
+from m2n2_lightning import M2N2Callback, M2N2Strategy
 from m2n2_lightning.data import DigitsDataModule
 from m2n2_lightning.specialists import SPECIALIST_CLASSES, Classifier, train_specialist
 
@@ -74,7 +75,7 @@ def main() -> None:
 
     start = time.perf_counter()
     merged = Classifier()
-    callback = M2N2Callback(init_from=paths, seed=args.seed)
+    callback = M2N2Callback(strategy=partial(M2N2Strategy, seed=args.seed), init_from=paths)
     make_trainer(args.out, "merge", max_steps=args.steps, callbacks=[callback]).fit(merged, datamodule=data)
     seconds = time.perf_counter() - start
 

@@ -13,56 +13,48 @@ several ranks, the error raised when the ranks are given different resources).
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+
+# tests/conftest.py: tests/ is on the path (pytest's, or this script's folder)
+from conftest import (
+    Classifier,
+    make_trainer,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor, nn
+from torch import nn
 
-from m2n2_lightning import MLP, CMAESStrategy, EvolutionModule, FlatParams, M2N2Callback, M2N2Strategy
+from m2n2_lightning import (
+    MLP,
+    CMAESStrategy,
+    EvolutionModule,
+    FlatParams,
+    M2N2Callback,
+    M2N2Strategy,
+)
 from m2n2_lightning.data import DigitsDataModule
 
-#: Resources are scored in blocks of this size: 1437 digits -> 5 x 240 + 237, uneven shards on 2 and 3 ranks.
+#: Resources are scored in blocks of this size: 1437 digits -> 5 x 240 + 237 (1337 with the validation split:
+#: 5 x 240 + 137), uneven shards on 2 and 3 ranks.
 BLOCK_SIZE = 240
 STEPS = 30
 
 
-class Classifier(L.LightningModule):
-    """A plain gradient-trained classifier, for M2N2Callback."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
 def trainer(out: Path, devices: int, max_steps: int, **kwargs: Any) -> L.Trainer:
+    """CPU processes under "ddp_evolution" (one process: no distributed strategy), no validation unless asked."""
     options: dict[str, Any] = dict(
         accelerator="cpu",
         devices=devices,
         strategy="ddp_evolution" if devices > 1 else "auto",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
-        default_root_dir=out,
     )
     options.update(kwargs)
-    return L.Trainer(**options)
+    return make_trainer(out, max_steps, **options)
 
 
 def state(strategy: nn.Module, model: nn.Module) -> dict[str, Any]:
@@ -73,36 +65,44 @@ def main(out: Path, devices: int) -> None:
     """Run every case; each rank saves what it ended with."""
     torch.set_num_threads(1)
     digits = DigitsDataModule(steps_per_epoch=25)
+    validated = DigitsDataModule(steps_per_epoch=25, val_size=100)  # the paper's split has no validation set
     states: dict[str, Any] = {}
 
     # M2N2 through EvolutionModule, with logs, validation and checkpoints ...
-    module = EvolutionModule(MLP(64, 32, 10), M2N2Strategy(seed=0, children_per_step=2), block_size=BLOCK_SIZE)
+    module = EvolutionModule(MLP(64, 32, 10), partial(M2N2Strategy, seed=0, children_per_step=2), block_size=BLOCK_SIZE)
     saver = ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=STEPS // 2, save_top_k=-1)
     trainer(
         out, devices, STEPS, logger=CSVLogger(out, name="logs", version=""), callbacks=[saver],
         enable_checkpointing=True, limit_val_batches=None, val_check_interval=STEPS // 2,
         check_val_every_n_epoch=None, log_every_n_steps=5,
-    ).fit(module, datamodule=digits)
+    ).fit(module, datamodule=validated)
     states["module"] = state(module.strategy, module.model)
 
-    # ... resumed from its middle checkpoint (another seed: the state must come from the checkpoint)
-    resumed = EvolutionModule(MLP(64, 32, 10), M2N2Strategy(seed=9, children_per_step=2), block_size=BLOCK_SIZE)
+    # ... resumed from its middle checkpoint (another seed: the state must come from the checkpoint;
+    # allow_resume_changes, since a run with other settings is refused by default)
+    resumed = EvolutionModule(
+        MLP(64, 32, 10), partial(M2N2Strategy, seed=9, children_per_step=2), block_size=BLOCK_SIZE,
+        allow_resume_changes=True,
+    )
     middle = out / "ckpt" / f"step={STEPS // 2}.ckpt"
-    trainer(out, devices, STEPS).fit(resumed, datamodule=digits, ckpt_path=middle)
+    trainer(out, devices, STEPS).fit(resumed, datamodule=validated, ckpt_path=middle)
     states["resumed"] = state(resumed.strategy, resumed.model)
 
     # M2N2 through the callback, in place of a LightningModule's optimizer
-    classifier, callback = Classifier(), M2N2Callback(pop_size=8, seed=1, block_size=BLOCK_SIZE)
+    classifier = Classifier(hidden=16)
+    callback = M2N2Callback(strategy=partial(M2N2Strategy, pop_size=8, seed=1), block_size=BLOCK_SIZE)
     trainer(out, devices, STEPS, callbacks=[callback]).fit(classifier, datamodule=digits)
     states["callback"] = state(callback.strategy, classifier)
 
     # CMA-ES through EvolutionModule
-    cmaes = EvolutionModule(MLP(64, 16, 10), CMAESStrategy(popsize=6, diagonal=True, seed=2), block_size=BLOCK_SIZE)
+    cmaes = EvolutionModule(
+        MLP(64, 16, 10), partial(CMAESStrategy, popsize=6, diagonal=True, seed=2), block_size=BLOCK_SIZE
+    )
     trainer(out, devices, 10).fit(cmaes, datamodule=digits)
     states["cmaes"] = state(cmaes.strategy, cmaes.model)
 
     # the default blocks (one per rank): ranks agree with each other
-    default = EvolutionModule(MLP(64, 32, 10), M2N2Strategy(seed=3))
+    default = EvolutionModule(MLP(64, 32, 10), partial(M2N2Strategy, seed=3))
     trainer(out, devices, STEPS).fit(default, datamodule=digits)
     states["one_block_per_rank"] = state(default.strategy, default.model)
 
@@ -111,7 +111,7 @@ def main(out: Path, devices: int) -> None:
         x, y = digits.train_tensors
         mismatched = M2N2Callback(resources=(x[rank : rank + 100], y[rank : rank + 100]))
         try:
-            trainer(out, devices, 5, callbacks=[mismatched]).fit(Classifier(), datamodule=digits)
+            trainer(out, devices, 5, callbacks=[mismatched]).fit(Classifier(hidden=16), datamodule=digits)
         except ValueError as error:
             states["mismatch_error"] = str(error)
     torch.save(states, out / f"states_{rank}.pt")

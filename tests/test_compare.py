@@ -23,11 +23,7 @@ def compare():
     del sys.modules["compare"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # compare.main sets the thread count: restored afterwards
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -80,8 +80,10 @@ def check_ranks(states: list[dict[str, Any]], reference: dict[str, Any]) -> None
 def test_two_ranks_match_one_process(tmp_path: Path, reference: dict[str, Any]) -> None:
     check_ranks(launch(tmp_path, 2), reference)
     # rank zero alone wrote the logs (one row per logged step) and the checkpoints
-    rows = [row for row in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if row["forward_passes"]]
+    logged = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    rows = [row for row in logged if row["forward_passes"]]
     assert [int(row["step"]) for row in rows] == [4, 9, 14, 19, 24, 29]
+    assert len([row for row in logged if row.get("val/acc")]) == 2  # validated at steps 15 and 30
     assert float(rows[-1]["forward_passes"]) == 60
     assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == ["step=15.ckpt", "step=30.ckpt"]
     assert (tmp_path / "logs" / "class_accuracy.png").is_file()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+from functools import partial
 
-import lightning as L
 import pytest
 import torch
+from conftest import make_trainer as quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -14,35 +15,30 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from m2n2_lightning import MLP, EvolutionModule, FlatParams, M2N2Strategy
 from m2n2_lightning.data import DigitsDataModule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
+
+def make_trainer(tmp_path, max_steps: int, **kwargs):
+    """CSV logs in tmp_path/logs, validation every 20 steps."""
     options = dict(
-        max_steps=max_steps,
-        logger=CSVLogger(tmp_path, name="logs", version=""),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        val_check_interval=20,
-        check_val_every_n_epoch=None,
-        log_every_n_steps=10,
-        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path, name="logs", version=""), val_check_interval=20, check_val_every_n_epoch=None
     )
     options.update(kwargs)
-    return L.Trainer(**options)
+    return quiet_trainer(tmp_path, max_steps, **options)
 
 
-def digits() -> DigitsDataModule:
-    return DigitsDataModule(steps_per_epoch=25)
+def digits(val_size: int = 0) -> DigitsDataModule:
+    return DigitsDataModule(steps_per_epoch=25, val_size=val_size)
 
 
-def module(seed: int = 0, k: int = 1) -> EvolutionModule:
-    return EvolutionModule(MLP(64, 32, 10), M2N2Strategy(seed=seed, children_per_step=k))
+def module(seed: int = 0, k: int = 1, **kwargs) -> EvolutionModule:
+    return EvolutionModule(MLP(64, 32, 10), partial(M2N2Strategy, seed=seed, children_per_step=k), **kwargs)
 
 
 def test_global_step_counts_evolution_steps_and_logs(tmp_path) -> None:
     evo = module(k=2)
     trainer = make_trainer(tmp_path, max_steps=60)
-    trainer.fit(evo, datamodule=digits())
+    trainer.fit(evo, datamodule=digits(val_size=100))  # a validation split: the paper's has none
     assert trainer.global_step == 60
     assert evo.strategy.forward_passes == 120  # k = 2 children per step
     rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
@@ -63,7 +59,7 @@ def test_model_holds_the_best_member(tmp_path) -> None:
     trainer = make_trainer(tmp_path, max_steps=30)
     trainer.fit(evo, datamodule=digits())
     flat = FlatParams(evo.model)
-    best = evo.strategy.archive[evo.strategy.scores.mean(1).argmax()]
+    best = evo.strategy.archive.members[evo.strategy.scores.mean(1).argmax()]
     assert torch.equal(flat.flatten(evo.model), best)
     # module(x) is the best network, and its accuracy is the best member's mean score
     x, y = digits().train_tensors
@@ -85,13 +81,18 @@ def test_resume_from_checkpoint_is_exact(tmp_path) -> None:
     )
     path = tmp_path / "ckpt" / "epoch=0-step=20.ckpt"
     assert path.exists()
-    resumed = module(seed=123)  # a different seed: everything must come from the checkpoint
+    # A different seed: everything must come from the checkpoint (a run with other settings is
+    # refused by default; allow_resume_changes lets this one go on with the checkpoint's state).
+    resumed = module(seed=123, allow_resume_changes=True)
     trainer = make_trainer(tmp_path / "c", max_steps=50)
     trainer.fit(resumed, datamodule=digits(), ckpt_path=path)
     assert trainer.global_step == 50
-    assert torch.equal(resumed.strategy.archive, straight.strategy.archive)
+    assert torch.equal(resumed.strategy.archive.members, straight.strategy.archive.members)
     assert torch.equal(resumed.strategy.scores, straight.strategy.scores)
+    assert torch.equal(resumed.strategy.occupied, straight.strategy.occupied)
+    assert torch.equal(resumed.strategy.generator.get_state(), straight.strategy.generator.get_state())
     assert resumed.strategy.forward_passes == straight.strategy.forward_passes == 50
+    assert torch.equal(FlatParams(resumed.model).flatten(resumed.model), FlatParams(straight.model).flatten(straight.model))
 
 
 def test_load_from_checkpoint_gives_the_best_network(tmp_path) -> None:
@@ -99,12 +100,12 @@ def test_load_from_checkpoint_gives_the_best_network(tmp_path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = make_trainer(tmp_path, max_steps=25, val_check_interval=25, enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(evo, datamodule=digits())
-    loaded = EvolutionModule.load_from_checkpoint(
-        tmp_path / "ckpt" / "last.ckpt", model=MLP(64, 32, 10), strategy=M2N2Strategy()
-    )
+    loaded = EvolutionModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", model=MLP(64, 32, 10))
     x, _ = digits().test_tensors
     assert torch.equal(loaded(x), evo(x))
-    assert torch.equal(loaded.strategy.archive, evo.strategy.archive)
+    # the strategy's state is the callback's part of the checkpoint
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"]["M2N2Callback"]["strategy"]
+    assert torch.equal(saved["archive.members"], evo.strategy.archive.members)
     # a model of another size does not load: PyTorch names the tensors
     with pytest.raises(RuntimeError, match="size mismatch for model.w1"):
         EvolutionModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", model=MLP(64, 16, 10))
@@ -142,5 +143,5 @@ def test_same_seed_same_archive(tmp_path) -> None:
     for name in ("a", "b"):
         evo = module(seed=5)
         make_trainer(tmp_path / name, max_steps=30).fit(evo, datamodule=digits())
-        runs.append(evo.strategy.archive)
+        runs.append(evo.strategy.archive.members)
     assert torch.equal(*runs)

@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from m2n2_lightning import MLP
+from m2n2_lightning import MLP, FlatParams
 from m2n2_lightning.config import register_schema
+from m2n2_lightning.strategies.base import build_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def compose_config(*overrides: str):
 
 
 def test_train_writes_every_output(tmp_path) -> None:
-    result = run_train(tmp_path, "forward_passes=300", "seed=1", "checkpoint.every_n_train_steps=100")
+    result = run_train(tmp_path, "forward_passes=300", "seed=1", "checkpoint_every=100")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("strategy", "seed", "forward_passes", "best_train_acc", "test_acc", "wall_seconds",
@@ -56,14 +57,18 @@ def test_train_writes_every_output(tmp_path) -> None:
 
 
 def test_config_groups_compose_and_instantiate() -> None:
+    # a strategy config is a factory (`_partial_: true`) that train.py calls with the model's D
+    dim = FlatParams(MLP(64, 256, 10)).num_params
     for strategy in ("m2n2", "ga", "ga_no_crossover", "m2n2_no_crossover", "m2n2_no_split_point", "m2n2_no_matchmaker"):
         cfg = compose_config(f"strategy={strategy}", "seed=4")
-        built = instantiate(cfg.strategy)
-        assert built.seed == 4
-    ga = instantiate(compose_config("strategy=ga").strategy)
+        built = build_strategy(instantiate(cfg.strategy), num_params=dim)
+        assert built.seed == 4 and built.num_params == dim == 19_210
+    ga = build_strategy(instantiate(compose_config("strategy=ga").strategy), num_params=dim)
     assert ga.alpha == 0.0 and not ga.use_matchmaker
     mnist = compose_config("experiment=mnist_mlp")
-    assert mnist.model.in_features == 784 and mnist.data._target_.endswith("MNISTDataModule")
+    # the model's input size is the data's (in_features: null), 784 for MNIST
+    assert mnist.model.in_features is None and mnist.data._target_.endswith("MNISTDataModule")
+    assert instantiate(mnist.data).input_dim == 784
 
 
 def test_unknown_keys_and_wrong_types_fail_in_hydra() -> None:
@@ -105,7 +110,7 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path) -> None:
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", "forward_passes=1000000",
-         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10"],
+         "trainer.enable_progress_bar=false", "log_every=500"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
     )
     metrics = run_dir / "logs" / "metrics.csv"
@@ -118,8 +123,9 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path) -> None:
     checkpoint = run_dir / "checkpoints" / "interrupted.ckpt"
     assert checkpoint.exists(), output[-3000:]
     state = torch.load(checkpoint, weights_only=True, map_location="cpu")
-    steps = state["global_step"]
-    assert steps > 0
-    resumed = run_train(tmp_path / "resumed", f"ckpt_path={checkpoint}", f"forward_passes={steps + 20}")
+    assert state["global_step"] > 0
+    done = state["callbacks"]["M2N2Callback"]["strategy"]["_extra_state"]["forward_passes"]
+    assert done > 0
+    resumed = run_train(tmp_path / "resumed", f"ckpt_path={checkpoint}", f"forward_passes={done + 20}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["forward_passes"] == steps + 20
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["forward_passes"] == done + 20
