@@ -8,7 +8,7 @@
         --methods m2n2,m2n2_no_matchmaker,map_elites,m2n2_no_split_point,slerp_brute_force,ga \\
         --out benchmarks/results/merge
 
-A method is a strategy config of conf/strategy/ (m2n2, cmaes, cmaes_diagonal,
+A method is a strategy config of m2n2_lightning/conf/strategy/ (m2n2, cmaes, cmaes_diagonal,
 ga, ga_no_crossover, m2n2_no_crossover, m2n2_no_split_point,
 m2n2_no_matchmaker, map_elites), built by Hydra exactly as `train.py` builds
 it (the config is a factory, called with the model's D by `build_strategy`), and run by
@@ -62,7 +62,7 @@ from m2n2_lightning.specialists import SPECIALIST_CLASSES, train_specialists
 from m2n2_lightning.strategies.base import build_strategy
 from m2n2_lightning.strategies.operators import slerp
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "m2n2_lightning" / "conf"
 BRUTE_FORCE = "slerp_brute_force"
 STRATEGY_METHODS = (
     "m2n2", "cmaes", "cmaes_diagonal", "ga", "ga_no_crossover", "m2n2_no_crossover",

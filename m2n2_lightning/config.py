@@ -10,7 +10,7 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class RunSchema:
-    """Top-level keys of `conf/config.yaml`; Hydra rejects values of the wrong type."""
+    """Top-level keys of `m2n2_lightning/conf/config.yaml`; Hydra rejects values of the wrong type."""
 
     seed: int = 0
     forward_passes: int = 50_000
@@ -32,7 +32,7 @@ class RunSchema:
 
 
 def register_schema() -> None:
-    """Make `run_schema` available to the defaults list of `conf/config.yaml`."""
+    """Make `run_schema` available to the defaults list of `m2n2_lightning/conf/config.yaml`."""
     ConfigStore.instance().store(name="run_schema", node=RunSchema)
 
 

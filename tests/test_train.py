@@ -35,7 +35,7 @@ def run_train(tmp_path: Path, *overrides: str, timeout: int = 300) -> subprocess
 
 def compose_config(*overrides: str):
     register_schema()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "m2n2_lightning" / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 
