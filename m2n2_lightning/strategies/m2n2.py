@@ -15,17 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from m2n2_lightning.strategies import operators as ops
-from m2n2_lightning.strategies.archive import build_archive, initial_members, seed_vectors
+from m2n2_lightning.strategies.archive import (
+    build_archive,
+)
 from m2n2_lightning.strategies.base import (
-    ScoreCandidates,
-    Strategy,
     check_non_negative,
     check_positive_int,
 )
 from m2n2_lightning.strategies.chromosomes import Chromosomes, check_slerp_angle
+from m2n2_lightning.strategies.population import PAPER_SIGMA, PopulationStrategy
 
-#: The paper's mutation and initialisation scale when evolving from scratch.
-PAPER_SIGMA = 0.01
 #: Per-example capacities of the general fitness (eq. 5): c_j = 1, or c_j = max_i s_ij.
 CAPACITIES = ("unit", "max")
 
@@ -46,7 +45,7 @@ def uniform_pairs(occupied: Tensor, num_pairs: int, generator: torch.Generator) 
     return first, ops.sample_categorical(others, uniforms[:, 1])
 
 
-class M2N2Strategy(Strategy):
+class M2N2Strategy(PopulationStrategy):
     """Model Merging of Natural Niches over flat parameter vectors.
 
     Args:
@@ -122,7 +121,7 @@ class M2N2Strategy(Strategy):
         storage: str = "dense",
         storage_dir: str | None = None,
     ) -> None:
-        super().__init__(num_params, seed=seed, validate_scores=validate_scores)
+        super().__init__(num_params, mutation_sigma, init_sigma, children_per_step, init_models, seed, validate_scores)
         if capacity not in CAPACITIES:
             raise ValueError(f"capacity must be one of {CAPACITIES}, got {capacity!r}")
         self.capacity = capacity
@@ -143,33 +142,12 @@ class M2N2Strategy(Strategy):
                 raise ValueError(f"the layout covers {sum(self.chromosomes.sizes)} parameters, not D = {num_params}")
         self.pop_size = check_positive_int("pop_size", pop_size, 2)
         self.alpha = check_non_negative("alpha", alpha)
-        self.children_per_step = check_positive_int("children_per_step (k)", children_per_step, 1)
-        self.init_sigma = check_non_negative("init_sigma", init_sigma)
-        if mutation_sigma is not None:
-            mutation_sigma = check_non_negative("mutation_sigma", mutation_sigma)
-        self.init_models = seed_vectors(init_models, self.num_params)
         self.use_matchmaker = bool(use_matchmaker)
         self.use_crossover = bool(use_crossover)
         self.use_split_point = bool(use_split_point)
-        self.mutation_sigma = (
-            mutation_sigma if mutation_sigma is not None else (0.0 if init_models else PAPER_SIGMA)
-        )
         self.archive = build_archive(
             storage, self.pop_size, self.num_params, self.init_models, self.mutation_sigma, storage_dir
         )
-
-    # Views of the archive's storage, for metrics and tests.
-    @property
-    def scores(self) -> Tensor:
-        return self.archive.scores
-
-    @property
-    def occupied(self) -> Tensor:
-        return self.archive.occupied
-
-    @property
-    def candidates_per_step(self) -> int:
-        return self.children_per_step
 
     @property
     def exact_default(self) -> bool:
@@ -204,14 +182,6 @@ class M2N2Strategy(Strategy):
         occupied = self.archive.occupied
         return self.archive.scores[occupied], fitness[occupied]
 
-    def _start(self, score: ScoreCandidates) -> None:
-        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.like)
-        scores = score(members)
-        self.check_scores(scores)
-        self.num_resources = scores.shape[1]
-        self.archive.allocate(self.num_resources)
-        self._insert(members, scores)
-
     @torch.no_grad()
     def ask(self, k: int | None = None) -> Tensor:
         k = self.check_k(k)
@@ -245,27 +215,11 @@ class M2N2Strategy(Strategy):
         ratios = self.chromosomes.ratios(weight)
         return self.archive.crossover_by_pieces(first, second, pieces, ratios, self.slerp_angle == "per_part")
 
-    @torch.no_grad()
-    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
-        self._insert(candidates, scores)
-        self.forward_passes += len(candidates)
-
     def _insert(self, candidates: Tensor, scores: Tensor) -> None:
         """Insert the rows one by one by the replace-the-worst rule (M2N2.md, "Archive update")."""
         candidates, scores = candidates.to(self.archive.like), scores.to(self.archive.scores)
         for row, (child, child_scores) in enumerate(zip(candidates, scores)):
             self.archive.write(self._dropped_row(child_scores), child, child_scores, made=row)
-
-    def best_index(self) -> Tensor:
-        """Index (1-dim tensor of one) of the member with the highest mean score; first on ties."""
-        if not self.started:
-            raise RuntimeError("the archive is empty: call start(score) first")
-        scores = self.archive.scores
-        # sum / N is how torch computes the mean, in two cheaper kernels
-        return scores.sum(dim=1).div_(scores.shape[1]).argmax().reshape(1)
-
-    def best_params(self) -> Tensor:
-        return self.archive.rows(self.best_index())[0]
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -275,10 +229,6 @@ class M2N2Strategy(Strategy):
             "use_matchmaker": self.use_matchmaker,
             "use_crossover": self.use_crossover,
             "use_split_point": self.use_split_point,
-            "mutation_sigma": self.mutation_sigma,
-            "init_sigma": self.init_sigma,
-            "children_per_step": self.children_per_step,
-            "seed_models": 0 if self.init_models is None else len(self.init_models),
             "capacity": self.capacity,
             "score_shift": self.score_shift,
             "warmup_steps": self.warmup_steps,

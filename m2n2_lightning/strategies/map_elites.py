@@ -32,14 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from m2n2_lightning.strategies import operators as ops
-from m2n2_lightning.strategies.archive import Archive, initial_members, seed_vectors
+from m2n2_lightning.strategies.archive import Archive
 from m2n2_lightning.strategies.base import (
-    ScoreCandidates,
-    Strategy,
-    check_non_negative,
     check_positive_int,
 )
-from m2n2_lightning.strategies.m2n2 import PAPER_SIGMA
+from m2n2_lightning.strategies.population import PAPER_SIGMA, PopulationStrategy
 
 if TYPE_CHECKING:
     from m2n2_lightning.data.base import TensorDataModule
@@ -88,7 +85,7 @@ def sample_elite_parents(
     return first, second
 
 
-class MAPElitesStrategy(Strategy):
+class MAPElitesStrategy(PopulationStrategy):
     """MAP-Elites with M2N2's crossover and mutation (the paper's baseline).
 
     Its `Archive` has one slot per grid cell (members [bins^G, D], scores
@@ -125,34 +122,16 @@ class MAPElitesStrategy(Strategy):
         seed: int = 0,
         validate_scores: bool = True,
     ) -> None:
-        super().__init__(num_params, seed=seed, validate_scores=validate_scores)
+        super().__init__(num_params, mutation_sigma, init_sigma, children_per_step, init_models, seed, validate_scores)
         self.bins = check_positive_int("bins", bins, 2)
         classes = tuple(tuple(int(c) for c in group) for group in descriptor_classes)
         if not classes or not all(classes):
             raise ValueError(f"descriptor_classes must be one or more non-empty label groups, got {descriptor_classes!r}")
         self.descriptor_classes = classes
-        self.children_per_step = check_positive_int("children_per_step (k)", children_per_step, 1)
-        self.init_sigma = check_non_negative("init_sigma", init_sigma)
-        if mutation_sigma is not None:
-            mutation_sigma = check_non_negative("mutation_sigma", mutation_sigma)
-        self.init_models = seed_vectors(init_models, self.num_params)
-        self.mutation_sigma = mutation_sigma if mutation_sigma is not None else (0.0 if init_models else PAPER_SIGMA)
         self.archive = Archive(self.bins ** len(classes), self.num_params)
         self.register_buffer("membership", torch.zeros(len(classes), 0))
         if descriptor_labels is not None:
             self.set_descriptor_labels(descriptor_labels)
-
-    @property
-    def scores(self) -> Tensor:
-        return self.archive.scores
-
-    @property
-    def occupied(self) -> Tensor:
-        return self.archive.occupied
-
-    @property
-    def candidates_per_step(self) -> int:
-        return self.children_per_step
 
     def set_descriptor_labels(self, labels: Tensor | Sequence[int]) -> None:
         """Set the labels [N] of the resources that the descriptors are computed from."""
@@ -191,25 +170,12 @@ class MAPElitesStrategy(Strategy):
         if self.membership.shape[1] != scores.shape[1]:
             raise ValueError(f"scores cover N = {scores.shape[1]} resources but {self.membership.shape[1]} labels were given")
 
-    def _start(self, score: ScoreCandidates) -> None:
-        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.like)
-        scores = score(members)
-        self.check_scores(scores)
-        self.num_resources = scores.shape[1]
-        self.archive.allocate(self.num_resources)
-        self._insert(members, scores)
-
     @torch.no_grad()
     def ask(self, k: int | None = None) -> Tensor:
         k = self.check_k(k)
         first, second = sample_elite_parents(self.quality(), self.archive.occupied, k, self.generator)
         split, weight = ops.crossover_draws(k, self.num_params, self.generator, True, self.archive.like)
         return ops.mutate(self.archive.crossover(first, second, split, weight), self.mutation_sigma, self.generator)
-
-    @torch.no_grad()
-    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
-        self._insert(candidates, scores)
-        self.forward_passes += len(candidates)
 
     def _insert(self, candidates: Tensor, scores: Tensor) -> None:
         """Each child becomes its cell's elite if the cell is empty or its quality is strictly higher."""
@@ -219,22 +185,11 @@ class MAPElitesStrategy(Strategy):
             accept = ~archive.occupied[cell] | (child_scores.mean() > archive.scores[cell].mean())
             archive.write(cell, child, child_scores, accept)
 
-    def best_params(self) -> Tensor:
-        """The elite with the highest mean score (the first on ties)."""
-        if not self.started:
-            raise RuntimeError("the archive is empty: call start(score) first")
-        scores = self.archive.scores
-        return self.archive.rows(scores.sum(dim=1).div_(scores.shape[1]).argmax().reshape(1))[0]
-
     def settings(self) -> dict[str, Any]:
         return {
             **super().settings(),
             "bins": self.bins,
             "descriptor_classes": self.descriptor_classes,
-            "mutation_sigma": self.mutation_sigma,
-            "init_sigma": self.init_sigma,
-            "children_per_step": self.children_per_step,
-            "seed_models": 0 if self.init_models is None else len(self.init_models),
         }
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,98 @@
+"""What M2N2 and MAP-Elites share: an archive of members, started from random members or seed models.
+
+`PopulationStrategy` holds the settings both take (children per step, the
+initial and mutation scales, the seed models), the archive's views, the start
+(score the initial members and insert them by the subclass's rule), the tell
+and the best member (the highest mean training score, first on ties).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from m2n2_lightning.strategies.archive import initial_members, seed_vectors
+from m2n2_lightning.strategies.base import (
+    ScoreCandidates,
+    Strategy,
+    check_non_negative,
+    check_positive_int,
+)
+
+#: The paper's mutation and initialisation scale when evolving from scratch.
+PAPER_SIGMA = 0.01
+
+
+class PopulationStrategy(Strategy):
+    """An archive strategy: subclasses set `self.archive` and implement `ask` and `_insert`."""
+
+    def __init__(
+        self,
+        num_params: int,
+        mutation_sigma: float | None,
+        init_sigma: float,
+        children_per_step: int,
+        init_models: Sequence[nn.Module | Tensor] | None,
+        seed: int,
+        validate_scores: bool,
+    ) -> None:
+        super().__init__(num_params, seed=seed, validate_scores=validate_scores)
+        self.children_per_step = check_positive_int("children_per_step (k)", children_per_step, 1)
+        self.init_sigma = check_non_negative("init_sigma", init_sigma)
+        if mutation_sigma is not None:
+            mutation_sigma = check_non_negative("mutation_sigma", mutation_sigma)
+        self.init_models = seed_vectors(init_models, self.num_params)
+        # The paper: sigma = 0.01 from scratch, no mutation when merging given models.
+        self.mutation_sigma = mutation_sigma if mutation_sigma is not None else (0.0 if init_models else PAPER_SIGMA)
+
+    # Views of the archive's storage, for metrics and tests.
+    @property
+    def scores(self) -> Tensor:
+        return self.archive.scores
+
+    @property
+    def occupied(self) -> Tensor:
+        return self.archive.occupied
+
+    @property
+    def candidates_per_step(self) -> int:
+        return self.children_per_step
+
+    def _start(self, score: ScoreCandidates) -> None:
+        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.like)
+        scores = score(members)
+        self.check_scores(scores)
+        self.num_resources = scores.shape[1]
+        self.archive.allocate(self.num_resources)
+        self._insert(members, scores)
+
+    @torch.no_grad()
+    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
+        self._insert(candidates, scores)
+        self.forward_passes += len(candidates)
+
+    def _insert(self, candidates: Tensor, scores: Tensor) -> None:
+        raise NotImplementedError
+
+    def best_index(self) -> Tensor:
+        """Index (1-dim tensor of one) of the member with the highest mean score; first on ties."""
+        if not self.started:
+            raise RuntimeError("the archive is empty: call start(score) first")
+        scores = self.archive.scores
+        # sum / N is how torch computes the mean, in two cheaper kernels
+        return scores.sum(dim=1).div_(scores.shape[1]).argmax().reshape(1)
+
+    def best_params(self) -> Tensor:
+        return self.archive.rows(self.best_index())[0]
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "mutation_sigma": self.mutation_sigma,
+            "init_sigma": self.init_sigma,
+            "children_per_step": self.children_per_step,
+            "seed_models": 0 if self.init_models is None else len(self.init_models),
+        }
