@@ -66,7 +66,9 @@ class FlatParams:
         self._shapes = [s.shape for s in specs]
         self._numels = [s.numel for s in specs]
         #: The parameters of each module `load_into` has checked in full, in vector order (then only shapes).
-        self._params: weakref.WeakKeyDictionary[nn.Module, list[nn.Parameter]] = weakref.WeakKeyDictionary()
+        self._params: weakref.WeakKeyDictionary[nn.Module, tuple[list[nn.Parameter], list[nn.Parameter]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def names(self) -> list[str]:
@@ -82,13 +84,15 @@ class FlatParams:
         return torch.cat([p.detach().reshape(-1) for p in self.parameters_of(module)])
 
     def parameters_of(self, module: nn.Module) -> list[nn.Parameter]:
-        """`module`'s parameters named in the vector, in its order (checked in full once per module)."""
-        params = self._params.get(module)
-        if params is None or [p.shape for p in params] != self._shapes:
-            self.check_compatible(module)
+        """`module`'s parameters named in the vector, in its order (checked in full once per module and
+        again whenever one of its parameters was replaced)."""
+        everything = list(module.parameters())
+        cached = self._params.get(module)
+        if cached is None or len(cached[0]) != len(everything) or any(a is not b for a, b in zip(cached[0], everything)):
+            self.check_compatible(module)  # new module, or a parameter replaced since: check names and shapes again
             named = dict(module.named_parameters())
-            params = self._params[module] = [named[name] for name in self.names]
-        return params
+            cached = self._params[module] = (everything, [named[name] for name in self.names])
+        return cached[1]
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Views of `vector` ([..., D]) shaped like each parameter ([..., *shape])."""
