@@ -144,3 +144,41 @@ def split_point_ratios_reference(weight: Tensor, split: Tensor | None, dim: int)
         return weight
     before = torch.arange(dim, device=weight.device) < split.unsqueeze(-1)
     return torch.where(before, weight, 1 - weight)
+
+
+# --- Operator-level references shared by test_operators.py and test_speed_paths.py ----------------------------------
+from m2n2_lightning.strategies import operators as _ops  # noqa: E402
+from m2n2_lightning.strategies.archive import Archive as _Archive  # noqa: E402
+
+
+def split_point_ratios(weight: torch.Tensor, split: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """The entry-by-entry ratios t [k, D] of the definition: w before the split point, 1 - w from it on."""
+    weight = weight.unsqueeze(-1)
+    if split is None:
+        return weight
+    return torch.where(torch.arange(dim) < split.unsqueeze(-1), weight, 1 - weight)
+
+
+def archive_of(members: torch.Tensor, scores: torch.Tensor | None = None, occupied: torch.Tensor | None = None) -> _Archive:
+    """An `Archive` whose buffers ARE the given tensors (writes show in them)."""
+    archive = _Archive(len(members), members.shape[1], dtype=members.dtype)
+    archive.members = members
+    if scores is not None:
+        archive.scores = scores
+    if occupied is not None:
+        archive.occupied = occupied
+    return archive
+
+
+def crossover(a: torch.Tensor, b: torch.Tensor, generator: torch.Generator, use_split_point: bool = True) -> torch.Tensor:
+    """Split-point SLERP children of the row pairs (a[i], b[i]), as a strategy makes them."""
+    archive = archive_of(torch.cat([a, b]))
+    split, weight = _ops.crossover_draws(len(a), a.shape[1], generator, use_split_point, archive.like)
+    return archive.crossover(torch.arange(len(a)), torch.arange(len(a), 2 * len(a)), split, weight)
+
+
+def replace_worst(members, scores, occupied, child, child_scores, alpha: float) -> torch.Tensor:
+    """The replace-the-worst update on plain tensors, in place; returns the dropped row (P: the child)."""
+    worst = _ops.worst_after_insert(scores, child_scores, alpha)
+    archive_of(members, scores, occupied).write(worst, child, child_scores)
+    return worst

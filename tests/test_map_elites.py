@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from m2n2_lightning import MLP, MAPElitesStrategy
+from m2n2_lightning import MLP, FlatParams, M2N2Strategy, MAPElitesStrategy
 from m2n2_lightning.data import DigitsDataModule
 from m2n2_lightning.engine import EvolutionEngine
 from m2n2_lightning.strategies.map_elites import cell_index, resource_labels, sample_elite_parents
@@ -32,8 +32,7 @@ def make(**kwargs) -> MAPElitesStrategy:
 def initialized(**kwargs) -> MAPElitesStrategy:
     """A strategy whose two initial members landed in cells 0 (0/5 odd, 0/5 even) and 20 (1/5 odd)."""
     strategy = make(**kwargs)
-    members = strategy.ask()
-    strategy.tell(members, torch.cat([scores_for(0, 0), scores_for(1, 0)]))
+    strategy.start(lambda members: torch.cat([scores_for(0, 0), scores_for(1, 0)]))
     return strategy
 
 
@@ -65,7 +64,7 @@ def test_child_fills_an_empty_cell() -> None:
     assert strategy.forward_passes == 0
     strategy.tell(torch.full((1, D), 1.0), scores_for(2, 3))  # cell 46, empty
     assert strategy.occupied.nonzero().flatten().tolist() == [0, 20, 46]
-    assert torch.equal(strategy.archive[46], torch.full((D,), 1.0))
+    assert torch.equal(strategy.archive.members[46], torch.full((D,), 1.0))
     assert torch.equal(strategy.scores[46], scores_for(2, 3)[0])
     assert strategy.forward_passes == 1
 
@@ -73,7 +72,7 @@ def test_child_fills_an_empty_cell() -> None:
 def test_child_replaces_the_elite_only_with_strictly_higher_quality() -> None:
     # 4 bins over 10 per group: 5/10 and 6/10 both fall in bin 2 (0.5 .. 0.75), so cell 2 * 4 + 2 = 10.
     strategy = MAPElitesStrategy(num_params=D, bins=4, descriptor_labels=TWENTY_LABELS, mutation_sigma=0.0)
-    strategy.tell(strategy.ask(), torch.stack([twenty(0, 0), twenty(0, 0)]))
+    strategy.start(lambda members: torch.stack([twenty(0, 0), twenty(0, 0)]))
 
     def tell(value: float, odd_hits: int, even_hits: int) -> None:
         strategy.tell(torch.full((1, D), value), twenty(odd_hits, even_hits).unsqueeze(0))
@@ -82,20 +81,20 @@ def test_child_replaces_the_elite_only_with_strictly_higher_quality() -> None:
     tell(2.0, 6, 5)  # cell 10, quality 0.55: replaces
     tell(3.0, 5, 5)  # cell 10, quality 0.50: rejected
     tell(4.0, 5, 6)  # cell 10, quality 0.55, equal: rejected
-    assert strategy.archive[10, 0].item() == 2.0
+    assert strategy.archive.members[10, 0].item() == 2.0
     assert strategy.scores[10].mean().item() == pytest.approx(0.55)
     tell(5.0, 8, 5)  # odd 0.8 -> bin 3: cell 14, lower cells keep their elites
     assert strategy.occupied.nonzero().flatten().tolist() == [0, 10, 14]
-    assert strategy.archive[10, 0].item() == 2.0 and strategy.archive[14, 0].item() == 5.0
+    assert strategy.archive.members[10, 0].item() == 2.0 and strategy.archive.members[14, 0].item() == 5.0
     assert strategy.forward_passes == 5
 
 
 def test_children_of_one_step_are_inserted_one_by_one() -> None:
     strategy = MAPElitesStrategy(num_params=D, bins=4, descriptor_labels=TWENTY_LABELS, mutation_sigma=0.0)
-    strategy.tell(strategy.ask(), torch.stack([twenty(0, 0), twenty(0, 0)]))
+    strategy.start(lambda members: torch.stack([twenty(0, 0), twenty(0, 0)]))
     children = torch.arange(3.0).unsqueeze(1).expand(3, D)
     strategy.tell(children, torch.stack([twenty(6, 5), twenty(7, 5), twenty(5, 5)]))  # all cell 10
-    assert strategy.archive[10, 0].item() == 1.0  # the best of the three, whatever their order
+    assert strategy.archive.members[10, 0].item() == 1.0  # the best of the three, whatever their order
     assert strategy.forward_passes == 3
 
 
@@ -146,17 +145,20 @@ def test_merging_given_models_inserts_them_without_mutation() -> None:
     a, b = torch.full((D,), 1.0), torch.full((D,), -2.0)
     strategy = make(init_models=[a, b])
     assert strategy.mutation_sigma == 0.0
-    assert torch.equal(strategy.ask(), torch.stack([a, b]))
+    seen = []
+    strategy.start(lambda members: seen.append(members.clone()) or torch.cat([scores_for(0, 0), scores_for(3, 3)]))
+    assert torch.equal(seen[0], torch.stack([a, b]))
+    assert torch.equal(strategy.archive.members[0], a) and torch.equal(strategy.archive.members[66], b)
 
 
 def test_missing_or_mismatched_labels_fail_before_any_state_changes() -> None:
     strategy = MAPElitesStrategy(num_params=D)
     with pytest.raises(ValueError, match="set_descriptor_labels"):
-        strategy.tell(strategy.ask(), torch.zeros(2, 10))
-    assert not strategy.initialized and not strategy.occupied.any()
+        strategy.start(lambda members: torch.zeros(2, 10))
+    assert not strategy.started and not strategy.occupied.any()
     strategy.set_descriptor_labels(LABELS[:8])
     with pytest.raises(ValueError, match="N = 10 resources but 8 labels"):
-        strategy.tell(strategy.ask(), torch.zeros(2, 10))
+        strategy.start(lambda members: torch.zeros(2, 10))
     with pytest.raises(ValueError, match=r"no resource has a label in descriptor class\(es\) \[\[0, 2, 4, 6, 8\]\]"):
         strategy.set_descriptor_labels(torch.tensor([1, 3]))
     initialized_strategy = initialized()
@@ -177,6 +179,10 @@ def test_missing_or_mismatched_labels_fail_before_any_state_changes() -> None:
 def test_bad_settings_raise(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         MAPElitesStrategy(num_params=D, **kwargs)
+
+
+def test_is_not_an_m2n2_subclass() -> None:
+    assert not issubclass(MAPElitesStrategy, M2N2Strategy)
 
 
 def test_state_dict_mid_run_continues_identically() -> None:
@@ -206,10 +212,11 @@ def test_learns_on_digits_with_the_engine() -> None:
     torch.set_num_threads(1)
     try:
         data = DigitsDataModule()
-        strategy = MAPElitesStrategy(descriptor_labels=resource_labels(data), seed=0)
-        engine = EvolutionEngine(MLP(), strategy)
+        model = MLP()
+        strategy = MAPElitesStrategy(FlatParams(model).num_params, descriptor_labels=resource_labels(data), seed=0)
+        engine = EvolutionEngine(model, strategy)
         engine.attach(*data.train_tensors)
-        engine.initialize()
+        engine.start()
         start = strategy.quality().max().item()
         for _ in range(300):
             engine.step()

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import crossover, replace_worst, split_point_ratios
 
 from m2n2_lightning.strategies import operators as ops
 
@@ -170,16 +171,16 @@ def test_split_point_slerp_matches_definition(split: int) -> None:
     a, b = rng.normal(size=7), rng.normal(size=7)
     w = 0.3
     t_ref = np.array([w if d < split else 1 - w for d in range(7)])
-    t = ops.split_point_ratios(torch.tensor([w], dtype=torch.float64), torch.tensor([split]), 7)
+    t = split_point_ratios(torch.tensor([w], dtype=torch.float64), torch.tensor([split]), 7)
     np.testing.assert_array_equal(t[0].numpy(), t_ref)
     child = ops.slerp(torch.tensor(a)[None], torch.tensor(b)[None], t)
     np.testing.assert_allclose(child[0].numpy(), slerp_reference(a, b, t_ref), rtol=1e-12, atol=1e-14)
 
 
 def test_split_point_zero_uses_one_minus_w_everywhere() -> None:
-    t = ops.split_point_ratios(torch.tensor([0.2], dtype=torch.float64), torch.tensor([0]), 5)
+    t = split_point_ratios(torch.tensor([0.2], dtype=torch.float64), torch.tensor([0]), 5)
     assert torch.all(t == 0.8)
-    t = ops.split_point_ratios(torch.tensor([0.2], dtype=torch.float64), torch.tensor([4]), 5)
+    t = split_point_ratios(torch.tensor([0.2], dtype=torch.float64), torch.tensor([4]), 5)
     assert t[0].tolist() == [0.2, 0.2, 0.2, 0.2, 0.8]
 
 
@@ -194,7 +195,7 @@ def test_slerp_linear_fallback_for_parallel_parents() -> None:
 def test_slerp_without_split_point_is_plain_slerp() -> None:
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=9), rng.normal(size=9)
-    t = ops.split_point_ratios(torch.tensor([0.6], dtype=torch.float64), None, 9)
+    t = split_point_ratios(torch.tensor([0.6], dtype=torch.float64), None, 9)
     child = ops.slerp(torch.tensor(a)[None], torch.tensor(b)[None], t)
     np.testing.assert_allclose(child[0].numpy(), slerp_reference(a, b, np.full(9, 0.6)), rtol=1e-12)
 
@@ -213,7 +214,7 @@ def test_crossover_draws_split_in_range() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.ones(5000, 4, dtype=torch.float64)
     b = -torch.ones(5000, 4, dtype=torch.float64)  # antiparallel: sin(Omega) = 0, linear mix
-    child = ops.crossover(a, b, g)
+    child = crossover(a, b, g)
     # linear mix of +1 and -1 with ratio t: 1 - 2t, so t = (1 - child) / 2
     t = (1 - child) / 2
     w = t[:, 0]  # column 0 is always before the split unless split = 0
@@ -240,7 +241,7 @@ def test_replace_worst_drops_lowest_fitness() -> None:
     ref_fit, _ = niche_fitness_reference(np.vstack([ARCHIVE_SCORES, child_scores.numpy()]), 1.0)
     expected_worst = int(np.argmin(ref_fit))
     child = torch.full((3,), 9.0, dtype=torch.float64)
-    worst = ops.replace_worst(archive, scores, occupied, child, child_scores, 1.0)
+    worst = replace_worst(archive, scores, occupied, child, child_scores, 1.0)
     assert worst.item() == expected_worst
     assert torch.equal(archive[expected_worst], child)
     assert torch.equal(scores[expected_worst], child_scores)
@@ -250,7 +251,7 @@ def test_child_that_is_worst_leaves_archive_unchanged() -> None:
     scores = torch.tensor(ARCHIVE_SCORES)
     archive = torch.randn(4, 3, dtype=torch.float64)
     before = (archive.clone(), scores.clone())
-    worst = ops.replace_worst(
+    worst = replace_worst(
         archive, scores, torch.ones(4, dtype=torch.bool), torch.zeros(3, dtype=torch.float64),
         torch.zeros(6, dtype=torch.float64), 1.0,
     )
@@ -262,7 +263,7 @@ def test_ties_drop_the_first_minimum() -> None:
     # Rows 1 and 2 tie with the lowest fitness; the child ties too: row 1 goes.
     scores = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
     archive = torch.zeros(3, 2)
-    worst = ops.replace_worst(
+    worst = replace_worst(
         archive, scores, torch.ones(3, dtype=torch.bool), torch.ones(2), torch.tensor([0.0, 0.0, 1.0]), 1.0
     )
     assert worst.item() == 1
@@ -274,13 +275,13 @@ def test_empty_slots_fill_first() -> None:
     archive = torch.zeros(3, 2)
     occupied = torch.zeros(3, dtype=torch.bool)
     # a child that solves nothing still takes slot 0 (all fitness 0: the first minimum)
-    ops.replace_worst(archive, scores, occupied, torch.ones(2), torch.tensor([0.0, 0.0]), 1.0)
+    replace_worst(archive, scores, occupied, torch.ones(2), torch.tensor([0.0, 0.0]), 1.0)
     assert occupied.tolist() == [True, False, False]
     # the next child solves something; row 0 (fitness 0) is again the first minimum
-    ops.replace_worst(archive, scores, occupied, 2 * torch.ones(2), torch.tensor([1.0, 0.0]), 1.0)
+    replace_worst(archive, scores, occupied, 2 * torch.ones(2), torch.tensor([1.0, 0.0]), 1.0)
     assert occupied.tolist() == [True, False, False]
     assert torch.equal(archive[0], 2 * torch.ones(2))
     # a third child: rows 1 and 2 (empty, fitness 0) go before row 0 (fitness 1)
-    ops.replace_worst(archive, scores, occupied, 3 * torch.ones(2), torch.tensor([0.0, 1.0]), 1.0)
+    replace_worst(archive, scores, occupied, 3 * torch.ones(2), torch.tensor([0.0, 1.0]), 1.0)
     assert occupied.tolist() == [True, True, False]
     assert torch.equal(archive[1], 3 * torch.ones(2))

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import archive_of, split_point_ratios
 from torch import nn
 
 from m2n2_lightning import MLP, Evaluator, FlatParams, M2N2Strategy, population_forward
@@ -82,20 +83,6 @@ def test_sample_categorical_matches_the_plain_guard() -> None:
     # u * total rounding up to total: the last positive entry, never a trailing zero
     edge = torch.tensor([[1.0, 3.0, 0.0, 0.0]])
     assert ops.sample_categorical(edge, torch.tensor([1.0])).tolist() == [1]
-
-
-def split_point_ratios(weight: torch.Tensor, split: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """The entry-by-entry ratios t [k, D] of the definition: w before the split point, 1 - w from it on."""
-    weight = weight.unsqueeze(-1)
-    if split is None:
-        return weight
-    return torch.where(torch.arange(dim) < split.unsqueeze(-1), weight, 1 - weight)
-
-
-def archive_of(rows: torch.Tensor) -> Archive:
-    archive = Archive(len(rows), rows.shape[1], dtype=rows.dtype)
-    archive.members.copy_(rows)
-    return archive
 
 
 def test_crossover_two_value_weights_equal_per_entry_slerp_float64() -> None:
