@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2n2_lightning import MLP, M2N2Strategy
+from m2n2_lightning import MLP, FlatParams, M2N2Strategy
 from m2n2_lightning.data import DigitsDataModule
 from m2n2_lightning.engine import EvolutionEngine
 
@@ -26,9 +26,10 @@ BUDGET = 5_000
 
 def final_test_accuracy(seed: int, **settings) -> float:
     data = DigitsDataModule()
-    engine = EvolutionEngine(MLP(), M2N2Strategy(seed=seed, **settings))
+    model = MLP()
+    engine = EvolutionEngine(model, M2N2Strategy(FlatParams(model).num_params, seed=seed, **settings))
     engine.attach(*data.train_tensors)
-    engine.initialize()
+    engine.start()
     for _ in range(BUDGET):
         engine.step()
     assert engine.strategy.forward_passes == BUDGET
@@ -37,12 +38,6 @@ def final_test_accuracy(seed: int, **settings) -> float:
         return (engine.model(x).argmax(-1) == y).float().mean().item()
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
