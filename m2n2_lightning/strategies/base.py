@@ -82,7 +82,13 @@ class Strategy(nn.Module):
         """Make the initial members, score them with `score` and insert them (not counted as forward passes)."""
         if self.started:
             raise RuntimeError(f"{type(self).__name__} has already started")
-        self._start(score)
+        generator = self.generator
+        state = generator.get_state()
+        try:
+            self._start(score)
+        except BaseException:
+            generator.set_state(state)  # a failed start (bad scores) leaves the strategy as it was
+            raise
         self.started = True
 
     def _start(self, score: ScoreCandidates) -> None:

@@ -64,6 +64,9 @@ class PopulationStrategy(Strategy):
     def _start(self, score: ScoreCandidates) -> None:
         members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.like)
         scores = score(members)
+        if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != len(members):
+            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(f"start: the score function must return [{len(members)}, N] scores, got {shape}")
         self.check_scores(scores)
         self.num_resources = scores.shape[1]
         self.archive.allocate(self.num_resources)
