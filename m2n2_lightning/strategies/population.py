@@ -66,7 +66,7 @@ class PopulationStrategy(Strategy):
         scores = score(members)
         if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != len(members):
             shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise ValueError(f"start: the score function must return [{len(members)}, N] scores, got {shape}")
+            raise ValueError(f"start: scores must have shape [k={len(members)}, N] for the initial members, got {shape}")
         self.check_scores(scores)
         self.num_resources = scores.shape[1]
         self.archive.allocate(self.num_resources)
