@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.archive import (
@@ -23,7 +23,7 @@ from m2n2_lightning.strategies.base import (
     check_positive_int,
 )
 from m2n2_lightning.strategies.chromosomes import Chromosomes, check_slerp_angle
-from m2n2_lightning.strategies.population import PAPER_SIGMA, PopulationStrategy
+from m2n2_lightning.strategies.population import PopulationStrategy
 
 #: Per-example capacities of the general fitness (eq. 5): c_j = 1, or c_j = max_i s_ij.
 CAPACITIES = ("unit", "max")
@@ -62,7 +62,7 @@ class M2N2Strategy(PopulationStrategy):
             archive snapshot and are inserted one by one (k = 1 is the paper).
         init_models: modules or flat [D] tensors to start from (two or more).
         seed: seed of the strategy's generator.
-        validate_scores: check told scores for NaN and range before any state
+        validate_scores: (this and the five above are `PopulationStrategy`'s, by keyword) check told scores for NaN and range before any state
             changes (one fused reduction and one host sync per tell).
         capacity: the per-example capacity c_j of the paper's general fitness
             (eq. 5): "unit" (c_j = 1, the reference, for right/wrong scores) or
@@ -106,12 +106,6 @@ class M2N2Strategy(PopulationStrategy):
         use_matchmaker: bool = True,
         use_crossover: bool = True,
         use_split_point: bool = True,
-        mutation_sigma: float | None = None,
-        init_sigma: float = PAPER_SIGMA,
-        children_per_step: int = 1,
-        init_models: Sequence[nn.Module | Tensor] | None = None,
-        seed: int = 0,
-        validate_scores: bool = True,
         capacity: str = "unit",
         score_shift: bool = False,
         warmup_steps: int = 0,
@@ -120,8 +114,9 @@ class M2N2Strategy(PopulationStrategy):
         slerp_angle: str = "whole",
         storage: str = "dense",
         storage_dir: str | None = None,
+        **population: Any,
     ) -> None:
-        super().__init__(num_params, mutation_sigma, init_sigma, children_per_step, init_models, seed, validate_scores)
+        super().__init__(num_params, **population)
         if capacity not in CAPACITIES:
             raise ValueError(f"capacity must be one of {CAPACITIES}, got {capacity!r}")
         self.capacity = capacity

@@ -29,14 +29,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.archive import Archive
 from m2n2_lightning.strategies.base import (
     check_positive_int,
 )
-from m2n2_lightning.strategies.population import PAPER_SIGMA, PopulationStrategy
+from m2n2_lightning.strategies.population import PopulationStrategy
 
 if TYPE_CHECKING:
     from m2n2_lightning.data.base import TensorDataModule
@@ -100,13 +100,9 @@ class MAPElitesStrategy(PopulationStrategy):
         descriptor_labels: labels [N] of the resources, in scoring order; or
             give them later with `set_descriptor_labels` (before `start`).
         descriptor_classes: the label classes of each of the G descriptors.
-        mutation_sigma: std of the Gaussian mutation; None = the paper's choice,
-            0.01 from scratch and 0 when `init_models` are merged.
-        init_sigma: std of the two random initial members from scratch.
-        children_per_step: k, the default for `ask()`.
-        init_models: modules or flat [D] tensors to start from (two or more).
-        seed: seed of the strategy's generator.
-        validate_scores: check told scores for NaN and range (one host sync).
+        **population: `mutation_sigma`, `init_sigma`, `children_per_step`,
+            `init_models`, `seed`, `validate_scores`, as for `M2N2Strategy`
+            (`PopulationStrategy`; mutation 0.01 from scratch, none when merging).
     """
 
     def __init__(
@@ -115,14 +111,9 @@ class MAPElitesStrategy(PopulationStrategy):
         bins: int = 10,
         descriptor_labels: Tensor | Sequence[int] | None = None,
         descriptor_classes: Sequence[Sequence[int]] = PARITY_CLASSES,
-        mutation_sigma: float | None = None,
-        init_sigma: float = PAPER_SIGMA,
-        children_per_step: int = 1,
-        init_models: Sequence[nn.Module | Tensor] | None = None,
-        seed: int = 0,
-        validate_scores: bool = True,
+        **population: Any,
     ) -> None:
-        super().__init__(num_params, mutation_sigma, init_sigma, children_per_step, init_models, seed, validate_scores)
+        super().__init__(num_params, **population)
         self.bins = check_positive_int("bins", bins, 2)
         classes = tuple(tuple(int(c) for c in group) for group in descriptor_classes)
         if not classes or not all(classes):

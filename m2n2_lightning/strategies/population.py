@@ -32,12 +32,12 @@ class PopulationStrategy(Strategy):
     def __init__(
         self,
         num_params: int,
-        mutation_sigma: float | None,
-        init_sigma: float,
-        children_per_step: int,
-        init_models: Sequence[nn.Module | Tensor] | None,
-        seed: int,
-        validate_scores: bool,
+        mutation_sigma: float | None = None,
+        init_sigma: float = PAPER_SIGMA,
+        children_per_step: int = 1,
+        init_models: Sequence[nn.Module | Tensor] | None = None,
+        seed: int = 0,
+        validate_scores: bool = True,
     ) -> None:
         super().__init__(num_params, seed=seed, validate_scores=validate_scores)
         self.children_per_step = check_positive_int("children_per_step (k)", children_per_step, 1)
