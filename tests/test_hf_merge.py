@@ -83,3 +83,26 @@ def test_merge_two_save_pretrained_models_by_generation(tmp_path, storage) -> No
     merged = transformers.AutoModelForCausalLM.from_pretrained(out)
     for name, value in merged.state_dict().items():
         assert torch.equal(value, module.model.state_dict()[name]), name
+
+
+def test_evaluate_scores_each_ranks_contiguous_shard(monkeypatch) -> None:
+    """Under DDP each rank scores its contiguous block of a fixed-order dataset (the engine gathers them)."""
+    from m2n2_lightning import distributed
+    from m2n2_lightning.engine import EvolutionEngine
+
+    model = nn.Linear(2, 1)
+    strategy = M2N2Strategy(num_params=3)
+    seen: dict[int, list[int]] = {}
+
+    def evaluate(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(rank, []).extend(batch.tolist())
+        return torch.zeros(len(batch))
+
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 2))
+        engine = EvolutionEngine(model, strategy)
+        engine.attach_evaluate(list(range(11)), evaluate, batch_size=4)
+        assert engine.shard_sizes == [6, 5]
+        for evaluator in engine.evaluators:
+            evaluator(torch.zeros(1, 3))
+    assert seen == {0: [0, 1, 2, 3, 4, 5], 1: [6, 7, 8, 9, 10]}
