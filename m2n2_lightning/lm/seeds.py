@@ -1,0 +1,244 @@
+"""The seed models of the small language-model merge: one pre-trained base and two fine-tunes of it.
+
+A stand-in for Llama-2-7B and its fine-tunes WizardMath and AgentEvol
+(M2N2.md, "Beyond the digits"): a tiny `LlamaForCausalLM` built from a config
+is pre-trained on a mixture of tasks (BASE_MIX), then fine-tuned gently, once
+on skill A and once on skill B (tasks.py), so that both fine-tunes stay near
+the base and their task vectors can be merged. Everything is deterministic
+from the seed and cached on disk with `save_pretrained`.
+
+    python -m m2n2_lightning.lm.seeds [--out <dir>] [--reduced] [--seed N]
+
+`seed_models()` returns the three models, built on first use into `default_cache()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from m2n2_lightning.lm.tasks import (
+    SKILL_A,
+    SKILL_B,
+    SKILLS,
+    TOKENIZER,
+    Skill,
+    accuracy,
+    held_out_prompts,
+    prompt_sets,
+)
+
+SEED_NAMES = ("base", "skill_a", "skill_b")
+
+#: Pre-training mixture: the third skill (copy), and skills A and B in their own formats but
+#: answered by the echo of the question 80% of the time, so that the base holds both skills
+#: without producing them greedily; a fine-tune then only has to tip the balance.
+BASE_MIX: tuple[tuple[Skill, float], ...] = (
+    (SKILLS["copy"], 0.3),
+    (replace(SKILL_A, name="add_echo", echo=0.8), 0.35),
+    (replace(SKILL_B, name="rev_echo", echo=0.8), 0.35),
+)
+
+
+@dataclass(frozen=True)
+class SeedSettings:
+    """Everything the seed models depend on; a change of any field rebuilds the cache."""
+
+    seed: int = 0
+    n_layer: int = 2
+    d_model: int = 64
+    n_head: int = 4
+    base_mix: tuple[tuple[Skill, float], ...] = BASE_MIX
+    base_steps: int = 6000
+    base_lr: float = 3e-3
+    ft_steps: int = 400
+    ft_lr: float = 3e-4
+    batch_size: int = 64
+
+
+PRESETS = {
+    "full": SeedSettings(),
+    "reduced": SeedSettings(base_steps=500, ft_steps=50),
+}
+
+
+def make_model(settings: SeedSettings) -> LlamaForCausalLM:
+    """A fresh tiny Llama with the settings' shape, initialised from the seed."""
+    config = LlamaConfig(
+        vocab_size=TOKENIZER.vocab_size,
+        hidden_size=settings.d_model,
+        intermediate_size=4 * settings.d_model,
+        num_hidden_layers=settings.n_layer,
+        num_attention_heads=settings.n_head,
+        num_key_value_heads=settings.n_head,
+        max_position_embeddings=32,
+        pad_token_id=TOKENIZER.pad_id,
+        bos_token_id=TOKENIZER.bos_id,
+        eos_token_id=TOKENIZER.eos_id,
+    )
+    torch.manual_seed(settings.seed)
+    return LlamaForCausalLM(config)
+
+
+def train(
+    model: torch.nn.Module, mix: tuple[tuple[Skill, float], ...], steps: int, lr: float, batch_size: int, seed: int
+) -> None:
+    """AdamW on the answers of fresh samples from the weighted mixture (never a held-out prompt).
+
+    The learning rate warms up over the first 5% of the steps and decays to
+    zero with a cosine, so the model ends at rest rather than mid-step.
+    """
+    rng = random.Random(seed)
+    held_out = held_out_prompts()
+    skills, weights = zip(*mix)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    model.train()
+    for _ in range(steps):
+        pairs = []
+        while len(pairs) < batch_size:
+            prompt, answer = rng.choices(skills, weights)[0].sample(rng)
+            if prompt not in held_out:
+                pairs.append((prompt, answer))
+        ids, mask, labels = TOKENIZER.batch_train(*zip(*pairs))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+def measure(model: torch.nn.Module) -> dict[str, float]:
+    """Test-set exact match of every skill."""
+    return {name: accuracy(model, prompt_sets(skill)[1]) for name, skill in SKILLS.items()}
+
+
+def task_vector_ratio(tuned: torch.nn.Module, base: torch.nn.Module) -> float:
+    """||theta_tuned - theta_base|| / ||theta_base||: how far a fine-tune moved."""
+    diff = sum(float((a - b).detach().pow(2).sum()) for a, b in zip(tuned.parameters(), base.parameters()))
+    norm = sum(float(b.detach().pow(2).sum()) for b in base.parameters())
+    return math.sqrt(diff / norm)
+
+
+def _settings_json(settings: SeedSettings) -> dict:
+    """The settings and the skill definitions, as they read back from JSON (the cache key)."""
+    skills = {name: asdict(skill) for name, skill in SKILLS.items()}
+    return json.loads(json.dumps({**asdict(settings), "skills": skills}))
+
+
+def train_seeds(settings: SeedSettings) -> dict[str, torch.nn.Module]:
+    """Pre-train the base, then fine-tune a copy of it on each skill; keyed by SEED_NAMES.
+
+    Runs on one thread (restored afterwards): the build is bit-for-bit
+    reproducible only with a fixed thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = make_model(settings)
+        train(base, settings.base_mix, settings.base_steps, settings.base_lr, settings.batch_size, settings.seed)
+        models = {"base": base}
+        for index, (name, skill) in enumerate(zip(SEED_NAMES[1:], (SKILL_A, SKILL_B))):
+            models[name] = copy.deepcopy(base)
+            steps, lr = settings.ft_steps, settings.ft_lr
+            train(models[name], ((skill, 1.0),), steps, lr, settings.batch_size, settings.seed + 1 + index)
+    finally:
+        torch.set_num_threads(threads)
+    return models
+
+
+def build_seeds(out: str | Path, settings: SeedSettings) -> dict:
+    """Build (or load from `out`) the base and both fine-tunes; returns the build record.
+
+    `out` holds base/, skill_a/, skill_b/ (safetensors) and build.json with
+    the settings, accuracies, task-vector ratios and build time; build.json is
+    written last, so an interrupted build is redone. A second call with the
+    same settings only reads build.json.
+    """
+    out = Path(out)
+    record_path = out / "build.json"
+    if record_path.is_file() and all((out / n / "config.json").is_file() for n in SEED_NAMES):
+        record = json.loads(record_path.read_text())
+        if record["settings"] == _settings_json(settings):
+            return record
+    record_path.unlink(missing_ok=True)
+    start = time.perf_counter()
+    models = train_seeds(settings)
+    build_s = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in models.items():
+        model.save_pretrained(out / name)
+    record = {
+        "settings": _settings_json(settings),
+        "accuracy": {name: measure(model) for name, model in models.items()},
+        "task_vector_ratio": {name: task_vector_ratio(models[name], models["base"]) for name in SEED_NAMES[1:]},
+        "build_seconds": build_s,
+    }
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def load_seeds(out: str | Path) -> dict[str, torch.nn.Module]:
+    """The saved base and fine-tunes, in eval mode, keyed by SEED_NAMES."""
+    return {name: AutoModelForCausalLM.from_pretrained(Path(out) / name).eval() for name in SEED_NAMES}
+
+
+def preset(reduced: bool = False, seed: int = 0) -> SeedSettings:
+    """The full or reduced (CI) settings with the given seed."""
+    return replace(PRESETS["reduced" if reduced else "full"], seed=seed)
+
+
+def default_cache(reduced: bool = False, seed: int = 0) -> Path:
+    """$M2N2_LM_CACHE (else ~/.cache/m2n2-lightning/lm) / <preset>_seed<N>: outside the repository."""
+    root = Path(os.environ.get("M2N2_LM_CACHE", Path.home() / ".cache" / "m2n2-lightning" / "lm"))
+    return root / f"{'reduced' if reduced else 'full'}_seed{seed}"
+
+
+def seed_models(reduced: bool = False, seed: int = 0, out: str | Path | None = None) -> dict[str, torch.nn.Module]:
+    """The preset's base and fine-tunes, built on first use into `out` (default `default_cache`)."""
+    out = Path(out) if out is not None else default_cache(reduced, seed)
+    build_seeds(out, preset(reduced, seed))
+    return load_seeds(out)
+
+
+def format_table(record: dict) -> str:
+    """The accuracies as a markdown table: one row per model, one column per skill's test set."""
+    names = list(SKILLS)
+    lines = ["| model | " + " | ".join(names) + " | task vector / base |", "|---" * (len(names) + 2) + "|"]
+    for model, accs in record["accuracy"].items():
+        ratio = record["task_vector_ratio"].get(model)
+        cells = [f"{accs[n]:.3f}" for n in names] + [f"{ratio:.4f}" if ratio is not None else "-"]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="cache folder for base/, skill_a/, skill_b/ and build.json")
+    parser.add_argument("--reduced", action="store_true", help="the small CI preset")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = Path(args.out) if args.out else default_cache(args.reduced, args.seed)
+    start = time.perf_counter()
+    record = build_seeds(out, preset(args.reduced, args.seed))
+    print(format_table(record))
+    print(f"{out}: built in {record['build_seconds']:.1f} s; this call {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
