@@ -1,6 +1,6 @@
 """Peak memory and checkpoint size of the dense and the coefficient archive, merging two seed models.
 
-M2N2.md ("Memory", section 4.1): the archive's memory grows with its size P.
+docs/ALGORITHM.md ("Memory", section 4.1): the archive's memory grows with its size P.
 When seeds are merged without mutation, `storage="coefficients"` keeps every
 member as a mixture of the seeds, so the memory should not grow with P and the
 checkpoint of the whole evolutionary state is kilobytes. This measures both on

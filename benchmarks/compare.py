@@ -87,7 +87,7 @@ LABELS = {
     "map_elites": "MAP-Elites",
     BRUTE_FORCE: "SLERP brute force",
 }
-#: The paper's test accuracy (M2N2.md; digits): from scratch at 50,000 and merging at 10,000 forward passes.
+#: The paper's test accuracy (docs/ALGORITHM.md; digits): from scratch at 50,000 and merging at 10,000 forward passes.
 PAPER = {
     "scratch": {
         "m2n2": 0.87, "cmaes": 0.86, "m2n2_no_crossover": 0.77, "ga_no_crossover": 0.71, "ga": 0.68,

@@ -1,6 +1,6 @@
 """Forward passes per second of M2N2 through the library's engine, beside the GEMM roofline.
 
-One forward pass = one candidate scored on all N training examples (M2N2.md).
+One forward pass = one candidate scored on all N training examples (docs/ALGORITHM.md).
 For each device, dataset, precision and k (children made and scored per step):
 
 - end to end: `EvolutionEngine.step()` (ask -> score -> tell -> best member

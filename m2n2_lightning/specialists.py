@@ -4,7 +4,7 @@ Each is the paper's MLP (the reference's parameter layout, so that a split
 point falls where it falls there) with every parameter drawn from
 N(0, 0.01^2), trained with Adam (learning rate 3e-3) for 10 full-batch steps
 of cross-entropy on the training examples of digits 0-4, and of digits 5-9
-(M2N2.md). M2N2 then merges the two without gradients.
+(docs/ALGORITHM.md). M2N2 then merges the two without gradients.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def test_default_strategy_is_the_papers_m2n2(tmp_path: Path, digits: DigitsDataM
     strategy = callback.strategy
     assert type(strategy) is M2N2Strategy
     assert strategy.num_params == 64 * 8 + 8 + 8 * 10 + 10  # built for the module's D
-    # the paper's settings (M2N2.md): P = 20, alpha = 1, matchmaker, split-point SLERP crossover,
+    # the paper's settings (docs/ALGORITHM.md): P = 20, alpha = 1, matchmaker, split-point SLERP crossover,
     # mutation and initialisation N(0, 0.01^2) from scratch, one child per step, seed 0
     assert (strategy.pop_size, strategy.alpha, strategy.children_per_step, strategy.seed) == (20, 1.0, 1, 0)
     assert strategy.use_matchmaker and strategy.use_crossover and strategy.use_split_point

@@ -15,7 +15,7 @@ from m2n2_lightning.strategies.m2n2 import uniform_pairs
 
 
 def oracle_fitness(scores: list[list[float]], occupied: list[bool], alpha: float, capacity: str, shift: bool):
-    """fit_i = sum_j c_j s'_ij / z_j^alpha in plain Python floats (M2N2.md, "The paper's general form")."""
+    """fit_i = sum_j c_j s'_ij / z_j^alpha in plain Python floats (docs/ALGORITHM.md, "The paper's general form")."""
     rows, n = len(scores), len(scores[0])
     s = [row[:] for row in scores]
     if shift:

@@ -1,4 +1,4 @@
-"""Each M2N2 operator against a float64 computation written from the formulas in M2N2.md."""
+"""Each M2N2 operator against a float64 computation written from the formulas in docs/ALGORITHM.md."""
 
 from __future__ import annotations
 

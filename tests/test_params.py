@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -93,3 +95,58 @@ def test_wrong_shapes_are_refused() -> None:
         population_forward(model, flat, torch.zeros(2, 25), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="expected 26"):
         flat.load_into(MLP(3, 5, 2), torch.zeros(26))
+
+
+def frozen_b1_mlp() -> MLP:
+    """MLP(3, 4, 2) in float64 with b1 = 0.5 frozen (requires_grad=False)."""
+    model = MLP(3, 4, 2).double()
+    with torch.no_grad():
+        model.b1.fill_(0.5)
+    model.b1.requires_grad_(False)
+    return model
+
+
+def test_frozen_parameters_stay_out_of_the_vector_unless_included() -> None:
+    model = frozen_b1_mlp()
+    assert FlatParams(model).names == ["w1", "b1", "w2", "b2"] and FlatParams(model).num_params == 26
+    flat = FlatParams(model, include_frozen=False)
+    assert flat.names == ["w1", "w2", "b2"] and flat.num_params == 12 + 8 + 2
+    assert [s.offset for s in flat.specs] == [0, 12, 20]
+    vector = torch.arange(22, dtype=torch.float64)
+    flat.load_into(model, vector)
+    assert torch.equal(model.w1.reshape(-1), vector[:12]) and torch.equal(model.b2, vector[20:])
+    assert torch.equal(model.b1, torch.full((4,), 0.5, dtype=torch.float64))  # untouched
+    assert torch.equal(flat.flatten(model), vector)
+    everything_frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameters to evolve \(all have requires_grad=False; evolve_frozen=True"):
+        FlatParams(everything_frozen, include_frozen=False)
+
+
+def test_population_forward_of_a_generic_module_keeps_its_frozen_parameters_float64() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[0].bias.requires_grad_(False)
+    flat = FlatParams(model, include_frozen=False)
+    assert flat.names == ["0.weight", "2.weight", "2.bias"]
+    candidates = torch.randn(3, flat.num_params, dtype=torch.float64)
+    inputs = torch.randn(5, 3, dtype=torch.float64)
+    out = population_forward(model, flat, candidates, inputs)
+    for i in range(3):
+        separate = copy.deepcopy(model)
+        flat.load_into(separate, candidates[i])
+        torch.testing.assert_close(out[i], separate(inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_population_forward_hook_keeps_the_frozen_parameters_float64() -> None:
+    """MLP's `forward_population` hook gets the frozen b1 too: the same outputs as k separate modules."""
+    model = frozen_b1_mlp()
+    flat = FlatParams(model, include_frozen=False)
+    candidates = torch.randn(2, flat.num_params, dtype=torch.float64)
+    inputs = torch.randn(5, 3, dtype=torch.float64)
+    out = population_forward(model, flat, candidates, inputs)
+    for i in range(2):
+        separate = frozen_b1_mlp()
+        flat.load_into(separate, candidates[i])
+        expected = torch.relu(inputs @ separate.w1 + 0.5) @ separate.w2 + separate.b2  # by hand, b1 = 0.5
+        torch.testing.assert_close(separate(inputs), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[i], expected, rtol=1e-12, atol=1e-12)

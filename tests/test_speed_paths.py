@@ -29,7 +29,7 @@ def plain_categorical(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def plain_ask(archive: torch.Tensor, scores: torch.Tensor, occupied: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
-    """M2N2.md's ask, formula by formula, drawing the same numbers in the same order."""
+    """docs/ALGORITHM.md's ask, formula by formula, drawing the same numbers in the same order."""
     taken = scores.sum(0)
     shares = scores / torch.where(taken > 0, taken, torch.ones_like(taken))
     fitness = shares.sum(1)

@@ -1,7 +1,7 @@
 """The seed models of the small language-model merge: one pre-trained base and two fine-tunes of it.
 
 A stand-in for Llama-2-7B and its fine-tunes WizardMath and AgentEvol
-(M2N2.md, "Beyond the digits"): a tiny `LlamaForCausalLM` built from a config
+(docs/ALGORITHM.md, "Beyond the digits"): a tiny `LlamaForCausalLM` built from a config
 is pre-trained on a mixture of tasks (BASE_MIX), then fine-tuned gently, once
 on skill A and once on skill B (tasks.py), so that both fine-tunes stay near
 the base and their task vectors can be merged. Everything is deterministic

@@ -1,6 +1,6 @@
 """The skills of the small language-model merge: a character tokenizer, the tasks and their prompt sets.
 
-A laptop-scale stand-in for the paper's LLM experiment (M2N2.md, "Beyond the
+A laptop-scale stand-in for the paper's LLM experiment (docs/ALGORITHM.md, "Beyond the
 digits"): skill A is two-digit addition ("12+34=" -> "46"), skill B is string
 reversal ("r:abcd=" -> "dcba"), and skill C, copying ("c:abcde=" -> "abcde"),
 is learnt by the base only and scored by neither fine-tune, to measure

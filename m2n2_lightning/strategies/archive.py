@@ -1,7 +1,7 @@
 """The archive a population strategy keeps: members, their scores, which slots are filled.
 
 `Archive` is the dense storage: members [P, D], scores [P, N] and occupancy
-[P] as buffers on the device (M2N2.md, "Objects"; empty slots hold zeros and
+[P] as buffers on the device (docs/ALGORITHM.md, "Objects"; empty slots hold zeros and
 all-zero scores). A strategy reads members by index, reads the scores, makes
 children from pairs of members and writes a row; it never touches the storage
 itself, so other storages (coefficients over seed models, host memory) can
@@ -16,7 +16,7 @@ one choice.
 
 Storages (`build_archive`, chosen by `M2N2Strategy(storage=...)`): "dense"
 (this class), "host" and "mmap" (`HostArchive`: the dense members in host
-memory or in a memory-mapped file, for archives larger than the device; M2N2.md,
+memory or in a memory-mapped file, for archives larger than the device; docs/ALGORITHM.md,
 "Memory": "for very large models we can always store the archive on disk") and
 "coefficients" (`CoefficientArchive`: members as mixtures of the seed models,
 when merging without mutation).
@@ -164,7 +164,7 @@ class HostArchive(Archive):
     `.to(device)` moves the scores and occupancy but not the members (a change
     of dtype converts them in place of storage); rows are moved to the scores'
     device when read and written back by slot. For archives larger than the
-    device ("host") or than the host memory ("mmap"; M2N2.md, "Memory"). The
+    device ("host") or than the host memory ("mmap"; docs/ALGORITHM.md, "Memory"). The
     file of "mmap" is made in `storage_dir` (or the temporary directory) and
     unlinked at once: it lives, unseen, as long as the archive. Results are
     bit-identical to the dense archive's; so is the state_dict.
@@ -231,7 +231,7 @@ def build_archive(
     """The archive of `storage` (one of STORAGES), or a ValueError when that storage cannot hold the run.
 
     "coefficients" needs the seed models and no mutation: a mutated child is no
-    longer a mixture of the seeds (M2N2.md, "Mutation": none when merging).
+    longer a mixture of the seeds (docs/ALGORITHM.md, "Mutation": none when merging).
     """
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
@@ -270,7 +270,7 @@ def initial_members(
     generator: torch.Generator,
     like: Tensor,
 ) -> Tensor:
-    """The members a run starts from: the given seed models, or two random N(0, sigma^2) ones (M2N2.md)."""
+    """The members a run starts from: the given seed models, or two random N(0, sigma^2) ones (docs/ALGORITHM.md)."""
     if init_models is not None:
         return torch.stack([model.to(like) for model in init_models])
     noise = torch.randn(2, num_params, generator=generator, device=like.device, dtype=like.dtype)

@@ -4,7 +4,7 @@ The paper merges the attention layers of its U-Nets separately from the other
 parameters (section 4.3): every group ("chromosome") of the flat vector has
 its own split point k_g ~ U{0..D_g-1} and ratio w_g ~ U(0, 1), counted along
 the group's own coordinates (its parameters in vector order). One group
-holding every parameter is the default, exact crossover of M2N2.md.
+holding every parameter is the default, exact crossover of docs/ALGORITHM.md.
 
 A child is then described by *pieces*: contiguous ranges [start, stop) of the
 flat vector, each labelled 2g (group g before its split point, ratio w_g) or

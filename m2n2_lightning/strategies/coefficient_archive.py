@@ -1,6 +1,6 @@
 """An archive whose members are mixtures of the seed models: memory that does not grow with P x D.
 
-When K seed models are merged without mutation (M2N2.md, "Initialisation",
+When K seed models are merged without mutation (docs/ALGORITHM.md, "Initialisation",
 "From pre-trained models"), every child is c_a a + c_b b with weights that
 take one value per label of its pieces (one before the split point and one
 from it on, `chromosomes.py`). By induction every member is, coordinate by
@@ -12,7 +12,7 @@ are held once, as a buffer that moves with the strategy but is not saved: a
 checkpoint holds the forms (kilobytes) and a fingerprint of the seeds, which a
 resume checks against the seeds it is given.
 
-The SLERP angle needs <a, b>, |a|^2 and |b|^2 (M2N2.md, "Crossover"). Over a
+The SLERP angle needs <a, b>, |a|^2 and |b|^2 (docs/ALGORITHM.md, "Crossover"). Over a
 segment where a and b have rows A and B they are A G B, A G A and B G B with
 G the K x K Gram matrix of the seeds over that segment. The Gram of a segment
 is always computed the same way (directly, in float64, in fixed chunks), so
@@ -141,7 +141,7 @@ class CoefficientArchive(nn.Module):
         """The form of the SLERP child of a and b: on each segment c_a[label] A + c_b[label] B.
 
         Its segments are those of a, b and the pieces together; on each one the
-        dot products come from the seeds' Gram (M2N2.md, "Crossover": cos Omega).
+        dot products come from the seeds' Gram (docs/ALGORITHM.md, "Crossover": cos Omega).
         """
         pieces = [piece for piece in pieces if piece[1] > piece[0]]
         piece_starts = torch.tensor([start for start, _, _ in pieces], dtype=torch.long)

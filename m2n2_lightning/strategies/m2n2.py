@@ -1,6 +1,6 @@
 """M2N2: a steady-state archive with niche fitness, attraction and split-point SLERP.
 
-With default settings this is the reference algorithm of M2N2.md, operator by
+With default settings this is the reference algorithm of docs/ALGORITHM.md, operator by
 operator: P = 20, alpha = 1, matchmaker on, split-point SLERP crossover,
 Gaussian mutation sigma = 0.01 from scratch (none when merging given models),
 one child per step, replace-the-worst update. Every departure is a switch.
@@ -211,7 +211,7 @@ class M2N2Strategy(PopulationStrategy):
         return self.archive.crossover_by_pieces(first, second, pieces, ratios, self.slerp_angle == "per_part")
 
     def _insert(self, candidates: Tensor, scores: Tensor) -> None:
-        """Insert the rows one by one by the replace-the-worst rule (M2N2.md, "Archive update")."""
+        """Insert the rows one by one by the replace-the-worst rule (docs/ALGORITHM.md, "Archive update")."""
         candidates, scores = candidates.to(self.archive.like), scores.to(self.archive.scores)
         for row, (child, child_scores) in enumerate(zip(candidates, scores)):
             self.archive.write(self._dropped_row(child_scores), child, child_scores, made=row)

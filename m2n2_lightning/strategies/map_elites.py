@@ -1,7 +1,7 @@
 """MAP-Elites, the paper's quality-diversity baseline, over flat parameter vectors.
 
 The archive is a grid of cells indexed by behaviour descriptors; each cell
-keeps one elite. With the paper's settings (M2N2.md) the two descriptors are a
+keeps one elite. With the paper's settings (docs/ALGORITHM.md) the two descriptors are a
 model's accuracy on the training examples of odd digits and on those of even
 digits, each cut into 10 bins (a 10 x 10 grid), and the quality of a model is
 its accuracy on all of them (its mean score). One step:

@@ -1,4 +1,4 @@
-"""The M2N2 operators as pure tensor functions (see M2N2.md for the formulas).
+"""The M2N2 operators as pure tensor functions (see docs/ALGORITHM.md for the formulas).
 
 Every function works on tensors already on the device and never reads a value
 back to the host, so a step of the algorithm costs no synchronisation (the
