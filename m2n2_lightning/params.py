@@ -166,6 +166,9 @@ def population_forward(module: nn.Module, flat: FlatParams, candidates: Tensor, 
     # so that what runs is what `forward` does).
     owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
     if "forward_population" in vars(owner) and not (module._forward_hooks or module._forward_pre_hooks):
+        for name, p in module.named_parameters():  # frozen parameters left out of the vector: shared by all
+            if name not in params:
+                params[name] = p.detach().expand(len(candidates), *p.shape)
         return module.forward_population(params, inputs)
     _check_vmappable(module)
 

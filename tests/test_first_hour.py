@@ -43,11 +43,11 @@ class DictModel(L.LightningModule):
         return torch.utils.data.DataLoader([{"x": x[i], "labels": y[i]} for i in range(60)], batch_size=20)
 
 
-def test_callback_evolves_a_module_with_dict_outputs_and_batches(one_thread) -> None:
+def test_callback_evolves_a_module_with_dict_outputs_and_batches(tmp_path, one_thread) -> None:
     module = DictModel()
     callback = M2N2Callback(strategy=functools.partial(M2N2Strategy, pop_size=6))
     trainer = L.Trainer(max_steps=40, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module)
     assert callback.strategy.forward_passes == 40 and callback.strategy.num_resources == 60
     # The archive's best scores are the module's own accuracy with the best member loaded, recomputed here.

@@ -203,25 +203,21 @@ def test_state_dict_mid_run_continues_identically() -> None:
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, restored.state_dict()[key]), key
     assert restored.forward_passes == strategy.forward_passes == 20
+    assert torch.equal(restored.ask(3), strategy.ask(3))  # the random stream continues too
     with pytest.raises(ValueError, match="bins=10"):
         MAPElitesStrategy(num_params=D, bins=5).load_state_dict(saved)
 
 
-def test_learns_on_digits_with_the_engine() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        data = DigitsDataModule()
-        model = MLP()
-        strategy = MAPElitesStrategy(FlatParams(model).num_params, descriptor_labels=resource_labels(data), seed=0)
-        engine = EvolutionEngine(model, strategy)
-        engine.attach(*data.train_tensors)
-        engine.start()
-        start = strategy.quality().max().item()
-        for _ in range(300):
-            engine.step()
-    finally:
-        torch.set_num_threads(threads)
+def test_learns_on_digits_with_the_engine(one_thread) -> None:
+    data = DigitsDataModule()
+    model = MLP()
+    strategy = MAPElitesStrategy(FlatParams(model).num_params, descriptor_labels=resource_labels(data), seed=0)
+    engine = EvolutionEngine(model, strategy)
+    engine.attach(*data.train_tensors)
+    engine.start()
+    start = strategy.quality().max().item()
+    for _ in range(300):
+        engine.step()
     assert strategy.forward_passes == 300
     assert strategy.quality().max().item() > start + 0.1
     assert strategy.occupied.sum().item() > 2

@@ -38,8 +38,6 @@ def final_test_accuracy(seed: int, **settings) -> float:
         return (engine.model(x).argmax(-1) == y).float().mean().item()
 
 
-
-
 @pytest.mark.slow
 def test_m2n2_from_scratch_learns_and_beats_the_ga(one_thread) -> None:
     m2n2 = [final_test_accuracy(seed) for seed in SEEDS]

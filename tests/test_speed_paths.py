@@ -263,3 +263,62 @@ def test_load_into_fast_path_still_refuses_other_modules() -> None:
     double = MLP(3, 4, 2).double()
     flat.load_into(double, vector)  # converts dtype like copy_
     assert double.w1.dtype == torch.float64 and torch.equal(flat.flatten(double), vector.double())
+
+
+def force_device_path(monkeypatch) -> None:
+    """Make every Archive take its accelerator path (masks, no host reads) on the CPU."""
+    monkeypatch.setattr(Archive, "host_side", property(lambda self: False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_archive_crossover_by_slices_equals_by_mask_bitwise(monkeypatch, dtype: torch.dtype) -> None:
+    """`Archive.crossover` on the host (host split points, slices) and its device path (masks) agree bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    members = torch.randn(8, 1000, generator=g, dtype=dtype)
+    members[7] = 2 * members[6]  # a parallel pair: the linear mix
+    archive = archive_of(members)
+    first, second = torch.tensor([0, 1, 2, 3, 6, 5]), torch.tensor([4, 5, 2, 7, 7, 0])  # (2, 2): a self-pair
+    split, weight = ops.crossover_draws(6, 1000, g, True, archive.like)
+    split[:3] = torch.tensor([0, 999, 1])  # both ends
+    used = []
+    for name in ("combine_by_slices", "combine_by_mask"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _f=original, _n=name: used.append(_n) or _f(*args))
+    on_host = archive.crossover(first, second, split, weight)
+    force_device_path(monkeypatch)
+    on_device = archive.crossover(first, second, split, weight)
+    assert used == ["combine_by_slices", "combine_by_mask"]  # each path ran once
+    assert torch.equal(on_host, on_device)
+    # and both are the per-entry SLERP of the definition
+    expected = ops.slerp(members[first], members[second], split_point_ratios(weight[:, 0], split, 1000))
+    torch.testing.assert_close(on_host, expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+
+
+def drive(strategy, steps: int, n: int) -> None:
+    """Start and step `strategy` with pseudo-scores that depend only on the step."""
+    truth = torch.Generator().manual_seed(31)
+    strategy.start(lambda members: (torch.rand(len(members), n, generator=truth) < 0.3).float())
+    for step in range(steps):
+        children = strategy.ask(1 + step % 3)
+        strategy.tell(children, (torch.rand(len(children), n, generator=truth) < 0.3 + 0.4 * step / steps).float())
+
+
+@pytest.mark.parametrize("kind", ["m2n2", "map_elites"])
+def test_whole_runs_on_the_device_path_equal_the_host_path_bitwise(monkeypatch, kind: str) -> None:
+    from m2n2_lightning import MAPElitesStrategy
+
+    def make():
+        if kind == "m2n2":
+            return M2N2Strategy(num_params=64, pop_size=6, seed=3)
+        return MAPElitesStrategy(num_params=64, bins=4, descriptor_labels=torch.arange(20) % 10, seed=3)
+
+    host = make()
+    drive(host, 120, 20)
+    force_device_path(monkeypatch)
+    device = make()
+    assert not device.archive.host_side
+    drive(device, 120, 20)
+    for name in ("members", "scores", "occupied"):
+        assert torch.equal(getattr(host.archive, name), getattr(device.archive, name)), name
+    assert host.occupied.sum() >= 3 and host.forward_passes == device.forward_passes == 240
+    assert torch.equal(host.ask(), device.ask())

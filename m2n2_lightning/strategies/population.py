@@ -46,7 +46,7 @@ class PopulationStrategy(Strategy):
             mutation_sigma = check_non_negative("mutation_sigma", mutation_sigma)
         self.init_models = seed_vectors(init_models, self.num_params)
         # The paper: sigma = 0.01 from scratch, no mutation when merging given models.
-        self.mutation_sigma = mutation_sigma if mutation_sigma is not None else (0.0 if init_models else PAPER_SIGMA)
+        self.mutation_sigma = mutation_sigma if mutation_sigma is not None else (0.0 if self.init_models is not None else PAPER_SIGMA)
 
     # Views of the archive's storage, for metrics and tests.
     @property
