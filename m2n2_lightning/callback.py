@@ -26,11 +26,10 @@ step, the resources, the logging, the checkpoint state and DDP.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import signal
 
 import lightning as L
 import torch
@@ -47,7 +46,6 @@ from m2n2_lightning.checkpointing import (
     use_atomic_checkpoints,
 )
 from m2n2_lightning.distributed import warn_if_wrapped
-from m2n2_lightning.stopping import check_labels, install_stop_handlers, restore_handlers
 from m2n2_lightning.engine import (
     EvolutionEngine,
     collect_resources,
@@ -60,6 +58,11 @@ from m2n2_lightning.optimizer import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
 from m2n2_lightning.sources import SeedSource, seed_parameters
+from m2n2_lightning.stopping import (
+    check_labels,
+    install_stop_handlers,
+    restore_handlers,
+)
 from m2n2_lightning.strategies import M2N2Strategy
 from m2n2_lightning.strategies.base import (
     Strategy,

@@ -33,7 +33,11 @@ from m2n2_lightning.evaluator import (
 from m2n2_lightning.metrics import class_accuracy, niche_occupancy, save_heatmap
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.scoring import ScoreFn, get_score_fn, targets_of
-from m2n2_lightning.strategies.base import Strategy, check_positive_int
+from m2n2_lightning.strategies.base import (
+    Strategy,
+    check_positive_int,
+    rolled_back_on_error,
+)
 
 
 def collect_resources(batches: Iterable[Any], max_examples: int | None = None) -> tuple[Any, Tensor]:
@@ -172,14 +176,9 @@ class EvolutionEngine:
         An exception (a second Ctrl-C) before the tell rolls the generator back,
         so the strategy is left exactly at the previous step boundary.
         """
-        generator = self.strategy.generator
-        state = generator.get_state()
-        try:
+        with rolled_back_on_error(self.strategy.generator):
             candidates = self.strategy.ask(k)
             scores = self.score(candidates)
-        except BaseException:
-            generator.set_state(state)
-            raise
         self.strategy.tell(candidates, scores)
         self.load_best()
 

@@ -29,8 +29,8 @@ from m2n2_lightning.config import register_schema, steps_for
 from m2n2_lightning.metrics import save_accuracy_curves
 from m2n2_lightning.progress import EvolutionProgressBar
 from m2n2_lightning.stopping import exit_code
-from m2n2_lightning.threads import auto_threads
 from m2n2_lightning.strategies.base import build_strategy
+from m2n2_lightning.threads import auto_threads
 
 register_schema()
 log = logging.getLogger("m2n2_lightning.train")

@@ -18,9 +18,10 @@ call with `num_params=D` (and `init_models=[...]` when merging), e.g.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,17 @@ from torch import Tensor, nn
 
 #: What scores candidates for `Strategy.start`: candidates [m, D] -> scores [m, N].
 ScoreCandidates = Callable[[Tensor], Tensor]
+
+
+@contextlib.contextmanager
+def rolled_back_on_error(generator: torch.Generator) -> Iterator[None]:
+    """Restore `generator`'s state if the block raises (a failed start, an interrupted step)."""
+    state = generator.get_state()
+    try:
+        yield
+    except BaseException:
+        generator.set_state(state)
+        raise
 
 
 def describe_bad_scores(scores: Tensor) -> str:
@@ -82,13 +94,8 @@ class Strategy(nn.Module):
         """Make the initial members, score them with `score` and insert them (not counted as forward passes)."""
         if self.started:
             raise RuntimeError(f"{type(self).__name__} has already started")
-        generator = self.generator
-        state = generator.get_state()
-        try:
+        with rolled_back_on_error(self.generator):  # a failed start (bad scores) leaves the strategy as it was
             self._start(score)
-        except BaseException:
-            generator.set_state(state)  # a failed start (bad scores) leaves the strategy as it was
-            raise
         self.started = True
 
     def _start(self, score: ScoreCandidates) -> None:
