@@ -97,19 +97,23 @@ def test_mnist_shapes_and_known_facts(mnist):
 
 def test_mnist_options(mnist, mnist_dir):
     dm = MNISTDataModule(mnist_dir, train_size=1000, val_size=200, flatten=False, normalize=True, batch_size=256)
-    x, y = dm.train_tensors
-    assert x.shape == (800, 28, 28) and dm.val_tensors[0].shape == (200, 28, 28)
-    expected = (mnist.train_tensors[0][:800].view(800, 28, 28) - 0.1307) / 0.3081
-    assert torch.allclose(x, expected) and torch.equal(y, mnist.train_tensors[1][:800])
-    assert torch.equal(dm.val_tensors[1], mnist.train_tensors[1][800:1000])
+    x, y = dm.train_tensors  # train_size resources, then val_size held-out training images after them
+    assert x.shape == (1000, 28, 28) and dm.val_tensors[0].shape == (200, 28, 28)
+    expected = (mnist.train_tensors[0][:1000].view(1000, 28, 28) - 0.1307) / 0.3081
+    assert torch.allclose(x, expected) and torch.equal(y, mnist.train_tensors[1][:1000])
+    assert torch.equal(dm.val_tensors[1], mnist.train_tensors[1][1000:1200])
     assert dm.test_tensors[0].shape == (10000, 28, 28)
-    assert [len(b[0]) for b in dm.train_dataloader()] == [256, 256, 256, 32]
+    assert [len(b[0]) for b in dm.train_dataloader()] == [256, 256, 256, 232]
+    held_out = MNISTDataModule(mnist_dir, val_size=5000)  # all the rest are resources
+    assert len(held_out.train_tensors[0]) == 55000
+    assert torch.equal(held_out.val_tensors[1], mnist.train_tensors[1][55000:])
 
 
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [({"train_size": 0}, "train_size=0"), ({"train_size": 60001}, "train_size=60001"),
-     ({"train_size": 100, "val_size": 100}, "val_size=100"), ({"download": 1}, "download=1")],
+     ({"train_size": 59901, "val_size": 100}, "val_size=100"), ({"val_size": 60000}, "val_size=60000"),
+     ({"val_size": -1}, "val_size=-1"), ({"download": 1}, "download=1")],
 )
 def test_mnist_rejects_bad_arguments(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from m2n2_lightning.data.base import TensorDataModule, TensorPair
+from m2n2_lightning.data.base import TensorDataModule, TensorPair, _check_count
 from m2n2_lightning.data.idx import DataFileError, MissingDataFileError, read_idx
 
 __all__ = ["MNISTDataModule", "MNIST_FILES", "MNIST_MIRRORS", "DATA_DIR_ENV"]
@@ -50,10 +50,12 @@ class MNISTDataModule(TensorDataModule):
         normalize: after scaling pixels to [0, 1], subtract 0.1307 and divide by
             0.3081 (the usual MNIST standardisation). Off by default.
         flatten: give images as ``[N, 784]`` (default) instead of ``[N, 28, 28]``.
-        train_size: use only the first ``train_size`` training examples
-            (None: all 60,000); handy for fast runs and tests.
-        val_size: take the last ``val_size`` of those as the validation set.
-            With 0 (default) there is no validation loop.
+        train_size: the first ``train_size`` training images are the resources
+            (None: all those not held out for validation); handy for fast runs and tests.
+        val_size: hold out the ``val_size`` training images after those as the
+            validation set (held-out training images, never the test set). With 0
+            (default) there is no validation loop. ``train_size + val_size`` must
+            not exceed 60,000.
         batch_size: examples per batch of the data loaders; None (default)
             gives each split as a single full batch.
         steps_per_epoch: repeat the training batches to this many per epoch
@@ -88,7 +90,14 @@ class MNISTDataModule(TensorDataModule):
             raise ValueError(f"train_size={train_size!r} is not allowed: expected None or an int in 1..{MNIST_TRAIN}")
         if isinstance(mirrors, str) or not mirrors:
             raise ValueError(f"mirrors={mirrors!r} is not allowed: expected a non-empty sequence of base URLs")
-        super().__init__(num_train=train_size or MNIST_TRAIN, val_size=val_size, batch_size=batch_size, steps_per_epoch=steps_per_epoch)
+        _check_count("val_size", val_size, minimum=0)
+        resources = MNIST_TRAIN - val_size if train_size is None else train_size
+        if resources < 1 or resources + val_size > MNIST_TRAIN:
+            raise ValueError(
+                f"train_size={train_size} with val_size={val_size} is not allowed: the resources and the held-out "
+                f"validation images together must fit in the {MNIST_TRAIN:,} training images; lower one of them"
+            )
+        super().__init__(num_train=resources + val_size, val_size=val_size, batch_size=batch_size, steps_per_epoch=steps_per_epoch)
         if data_dir is None:
             data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
         self.data_dir = Path(data_dir)
