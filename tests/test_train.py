@@ -129,3 +129,30 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(tmp_path) -> None:
     resumed = run_train(tmp_path / "resumed", f"ckpt_path={checkpoint}", f"forward_passes={done + 20}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["forward_passes"] == done + 20
+
+
+def test_mnist_experiment_runs_a_few_steps_and_validates_on_held_out_images(tmp_path, mnist_dir) -> None:
+    """experiment=mnist_mlp on the shared MNIST copy: val/acc is the best member's accuracy on the held-out
+    training images after the resources (not the test set), test/acc on the test set."""
+    run = tmp_path / "run"
+    result = run_train(
+        run, "experiment=mnist_mlp", f"data.data_dir={mnist_dir}", "data.train_size=300", "data.val_size=200",
+        "forward_passes=50", "val_every=50", "logger=csv", "threads=1",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resources"] == 300 and summary["forward_passes"] == 50
+    model = MLP(in_features=784, hidden=256, out_features=10)
+    model.load_state_dict(torch.load(run / "best_model.pt", weights_only=True))
+    data = instantiate(compose_config("experiment=mnist_mlp", f"data.data_dir={mnist_dir}").data, train_size=500, val_size=0)
+    (x, y), (x_test, y_test) = data.train_tensors, data.test_tensors
+
+    def accuracy(inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.no_grad():
+            return (model(inputs).argmax(-1) == labels).double().mean().item()
+
+    rows = [line.split(",") for line in (run / "logs" / "metrics.csv").read_text().splitlines()]
+    column = rows[0].index("val/acc")
+    val_acc = [float(r[column]) for r in rows[1:] if r[column]]
+    assert len(val_acc) == 1 and val_acc[0] == pytest.approx(accuracy(x[300:500], y[300:500]), abs=1e-6)
+    assert summary["test_acc"] == pytest.approx(accuracy(x_test, y_test), abs=1e-6)
