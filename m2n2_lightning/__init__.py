@@ -8,6 +8,7 @@ from m2n2_lightning.optimizer import EvolutionOptimizer
 from m2n2_lightning.params import FlatParams, NotVmappableError, population_forward
 from m2n2_lightning.strategies import (
     CMAESStrategy,
+    LayerwiseSlerpStrategy,
     M2N2Strategy,
     MAPElitesStrategy,
     Strategy,
@@ -19,6 +20,7 @@ __all__ = [
     "EvolutionModule",
     "EvolutionOptimizer",
     "FlatParams",
+    "LayerwiseSlerpStrategy",
     "M2N2Callback",
     "M2N2Strategy",
     "MAPElitesStrategy",

@@ -37,10 +37,10 @@ def gpt2(seed: int = 0, **overrides: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(**{**config, **overrides}))
 
 
-def llama(seed: int = 0) -> LlamaForCausalLM:
+def llama(seed: int = 0, layers: int = 1) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
         vocab_size=40, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ))
 

@@ -91,7 +91,6 @@ class CMAESStrategy(Strategy):
         self.diagonal, self.sigma_adaptation = cp.resolve_mode(dim, diagonal, sigma_adaptation)
         self.params = cp.CMAParameters.default(dim, popsize, self.diagonal, self.sigma_adaptation, eigen_update_gap)
         self.generation = self.eigen_updated_at = 0  # generations told; the one of the last eigh
-
         kw = {"dtype": dtype}
         for name in ("mean", "p_sigma", "p_c", "mean_shift"):
             self.register_buffer(name, torch.zeros(dim, **kw))
@@ -101,8 +100,7 @@ class CMAESStrategy(Strategy):
         self.register_buffer("tpa_s", torch.zeros((), **kw))
         self.register_buffer("best_x", torch.zeros(dim, dtype=candidate_dtype))
         self.register_buffer("best_score", torch.tensor(-math.inf, **kw))
-        # [popsize, N]: N is known at the first tell only (see _load_from_state_dict).
-        self.register_buffer("last_scores", torch.zeros(0, 0, **kw))
+        self.register_buffer("last_scores", torch.zeros(0, 0, **kw))  # [popsize, N] from the first tell on
         self.register_buffer("weights", torch.tensor(self.params.weights, **kw), persistent=False)
 
     @property
@@ -117,14 +115,12 @@ class CMAESStrategy(Strategy):
             noise = torch.randn(self.num_params, generator=self.generator, dtype=self.dtype, device=self.device)
             self.mean.copy_(noise * self.init_sigma)
 
-    # ------------------------------------------------------- linear algebra
     def _whiten(self, v: Tensor) -> Tensor:
         """Rows v -> D^(-1) B^T v (C^(-1/2) v = B of it; its norm is the Mahalanobis length)."""
         return v / self.D if self.diagonal else (v @ self.B) / self.D
 
     def _update_eigensystem(self) -> None:
-        """C = B diag(D^2) B^T, refreshed lazily (tutorial, Appendix B.2, "Strategy internal
-        numerical effort"): only once `eigen_update_gap` generations have passed, as pycma."""
+        """C = B diag(D^2) B^T, refreshed once `eigen_update_gap` generations have passed (tutorial, B.2), as pycma."""
         since, gap = self.generation - self.eigen_updated_at, self.params.eigen_update_gap
         if since < gap or since == gap == 0:
             return
@@ -180,8 +176,7 @@ class CMAESStrategy(Strategy):
 
     def _record(self, candidates: Tensor, scores: Tensor) -> Tensor:
         """Keep the generation's scores and the best candidate; the fitness -mean score (pycma minimises)."""
-        if self.num_resources is None:
-            self.num_resources = scores.shape[1]
+        self.num_resources = scores.shape[1]  # check_told holds it to the first tell's N
         self.last_scores = scores.to(self.mean, copy=True)
         mean_scores = self.last_scores.mean(dim=1)
         best = mean_scores.argmax()
@@ -251,8 +246,7 @@ class CMAESStrategy(Strategy):
         mirrored pair (told first), sigma <- sigma exp(s / d_TPA)."""
         p = self.params
         if self.sigma_adaptation == "csa":
-            change = (self.p_sigma.norm() / p.chi_n - 1) * (p.cs / p.damps)
-            self.sigma.mul_(change.clamp(-1, 1).exp())
+            self.sigma.mul_(((self.p_sigma.norm() / p.chi_n - 1) * (p.cs / p.damps)).clamp(-1, 1).exp())
             return
         rank_gap = ((fitness < fitness[1]).sum() - (fitness < fitness[0]).sum()).to(self.dtype) / (self.popsize - 1)
         self.tpa_s.mul_(0.7).add_(0.3 * rank_gap.sign() * rank_gap.abs().sqrt())
@@ -283,22 +277,23 @@ class CMAESStrategy(Strategy):
 
     # -------------------------------------------------------------------- state
     def extra_state(self) -> dict[str, Any]:
-        mode = {"popsize": self.popsize, "diagonal": self.diagonal, "sigma_adaptation": self.sigma_adaptation}
-        return {**mode, "generation": self.generation, "eigen_updated_at": self.eigen_updated_at}
+        return {"popsize": self.popsize, "diagonal": self.diagonal, "sigma_adaptation": self.sigma_adaptation,
+                "generation": self.generation, "eigen_updated_at": self.eigen_updated_at}  # fmt: skip
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.generation = state["generation"]
-        self.eigen_updated_at = state["eigen_updated_at"]
+        self.generation, self.eigen_updated_at = state["generation"], state["eigen_updated_at"]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The saved strategy first: a ValueError naming the difference, before any shape error.
         shaping = ("num_params", "popsize", "diagonal", "sigma_adaptation")
         expected = {"strategy": type(self).__name__, **{key: getattr(self, key) for key in shaping}}
         cp.check_saved_settings(state_dict.get(prefix + _EXTRA_STATE_KEY_SUFFIX), expected)
-        # last_scores [popsize, N] is the one buffer sized at the first tell: take the saved size ([0, 0] too).
-        saved = state_dict.get(prefix + "last_scores")
-        if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] in (0, self.popsize):
-            self.last_scores = torch.empty(saved.shape, dtype=self.dtype, device=self.device)
+        # Sized or laid out at run time, so taken from the saved tensors: last_scores [popsize, N] (from the first
+        # tell, [0, 0] before) and B (eigh's, column-major: a row-major copy would round the matmuls differently).
+        for name, rows in (("last_scores", (0, self.popsize)), ("B", (self.num_params,))):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] in rows:
+                setattr(self, name, torch.empty_like(saved, dtype=self.dtype, device=self.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
