@@ -88,13 +88,24 @@ class TensorDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
         self._splits: dict[str, TensorPair] | None = None
+        self._val_switch: tuple[L.Trainer, int | float] | None = None  # a Trainer and its limit_val_batches
 
     def load(self) -> tuple[TensorPair, TensorPair]:
         """Return ``(train, test)`` as CPU tensor pairs, train holding ``num_train`` examples."""
         raise NotImplementedError(f"{type(self).__name__} must implement load()")
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the data (once) and split off the validation set."""
+        """Load the data (once) and split off the validation set.
+
+        Without a validation split (`val_size=0`) a fit runs no validation loop: the
+        Trainer's `limit_val_batches` is 0 for that fit (back to its own value in
+        `teardown`), rather than Lightning asking for an empty `val_dataloader` and
+        warning "Total length of `list` across ranks is zero".
+        """
+        if stage == "fit" and not self.val_size and self.trainer is not None:
+            self.teardown("fit")  # a fit that failed before its teardown left its Trainer switched off
+            self._val_switch = (self.trainer, self.trainer.limit_val_batches)
+            self.trainer.limit_val_batches = 0
         if self._splits is not None:
             return
         (x, y), test = self.load()
@@ -108,6 +119,12 @@ class TensorDataModule(L.LightningDataModule):
         else:
             train, val = (x, y), test
         self._splits = {"train": train, "val": val, "test": test}
+
+    def teardown(self, stage: str) -> None:
+        """Give the Trainer back its `limit_val_batches` after a fit without validation."""
+        if stage == "fit" and self._val_switch is not None:
+            (trainer, limit), self._val_switch = self._val_switch, None
+            trainer.limit_val_batches = limit
 
     def _split(self, name: str) -> TensorPair:
         if self._splits is None:
