@@ -1,21 +1,16 @@
 """`M2N2Callback`: the one Lightning integration; evolves a LightningModule's parameters instead of its optimizer.
 
-How the optimizer is kept from stepping: in `on_fit_start` (after Lightning
-has called `configure_optimizers` and restored a checkpoint) the callback
-replaces the trainer's optimizers with one `EvolutionOptimizer` over the
-module's parameters, whose `step()` *is* the evolution step, and drops the
-learning-rate schedulers (they would schedule an optimizer that never steps).
-Lightning's optimizer step, hooks and step counter therefore work unchanged:
-`global_step` advances by one per training step, so `max_steps`,
+In `on_fit_start` the callback takes over the trainer's optimization
+(`m2n2_lightning.takeover`): one `EvolutionOptimizer` over the module's
+parameters, whose `step()` *is* the evolution step, and no learning-rate
+schedulers. Lightning's optimizer step, hooks and step counter therefore work
+unchanged: `global_step` advances by one per training step, so `max_steps`,
 `val_check_interval` and `ModelCheckpoint(every_n_train_steps=...)` count
 training steps, each of `steps_per_batch` evolution steps.
 
 - Automatic optimization (any LightningModule): `training_step` still runs,
   as a monitor of the current best member (its loss and metrics are logged as
-  usual). Its backward pass is skipped with the fit loop's `_skip_backward`
-  switch (the one Lightning's `StochasticWeightAveraging` uses) and
-  `requires_grad` is off during fit, so no autograd graph is built; both are
-  restored when fit ends or fails.
+  usual), without a backward pass or an autograd graph.
 - Manual optimization (`EvolutionModule`): `training_step` calls
   `self.optimizers().step()`.
 
@@ -37,14 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from m2n2_lightning.checkpointing import (
-    RESOURCES_CHANGED,
-    evolution_state,
-    resource_hash,
-    restore_evolution_state,
-    run_fingerprint,
-    use_atomic_checkpoints,
-)
+from m2n2_lightning.checkpointing import use_atomic_checkpoints
 from m2n2_lightning.distributed import warn_if_wrapped
 from m2n2_lightning.engine import (
     EvolutionEngine,
@@ -56,13 +44,10 @@ from m2n2_lightning.engine import (
 from m2n2_lightning.evaluator import EvaluateFn
 from m2n2_lightning.optimizer import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
+from m2n2_lightning.resume import ResumeRecord, resource_hash, run_fingerprint
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
 from m2n2_lightning.sources import SeedSource, seed_parameters
-from m2n2_lightning.stopping import (
-    check_labels,
-    install_stop_handlers,
-    restore_handlers,
-)
+from m2n2_lightning.stopping import StopOnSignal, check_labels
 from m2n2_lightning.strategies import M2N2Strategy
 from m2n2_lightning.strategies.base import (
     Strategy,
@@ -70,6 +55,7 @@ from m2n2_lightning.strategies.base import (
     build_strategy,
     check_positive_int,
 )
+from m2n2_lightning.takeover import OptimizationTakeover
 
 
 class M2N2Callback(Callback):
@@ -121,9 +107,12 @@ class M2N2Callback(Callback):
 
     Stopping: SIGINT (Ctrl-C) and SIGTERM during fit stop the run once the
     current training step's evolution steps are done (a second Ctrl-C stops at
-    once, rolling the evolution step back), as a KeyboardInterrupt through Lightning's own handling, so an
-    `InterruptCheckpoint` / `OnExceptionCheckpoint` holds a consistent state
-    and resuming from it is exact. `stop_signal` then names the signal.
+    once, rolling the evolution step back) by raising
+    `m2n2_lightning.stopping.SignalStop`, a `SystemExit` with code 130 / 143,
+    through Lightning's exception handling: an `InterruptCheckpoint` (or
+    `OnExceptionCheckpoint`) then holds a consistent state that resumes
+    exactly, and a script that does not catch it exits 130 / 143.
+    `stop_signal` names the signal.
 
     After `fit`, the module's parameters hold the strategy's best member. The
     strategy's state (archive, scores, generator, counters) is the callback's
@@ -182,21 +171,22 @@ class M2N2Callback(Callback):
         self.model = model
         self.heatmap = heatmap
         self.heatmap_path: Path | None = None
-        self.allow_resume_changes = bool(allow_resume_changes)
+        self._resume = ResumeRecord(allow_resume_changes)
         self.engine: EvolutionEngine | None = None
-        #: The signal that stopped the run (signal.SIGINT / SIGTERM), else None.
-        self.stop_signal: int | None = None
         #: Forward passes done before this run (a resumed run starts above 0).
         self.forward_passes_at_start = 0
-        self._requires_grad: list[bool] | None = None
-        self._saved_resources: str | None = None
-        self._resources_hash: str | None = None
-        self._handlers: dict[int, Any] = {}
+        self._stop = StopOnSignal()
+        self._takeover = OptimizationTakeover()
 
     @property
-    def strategy(self):
+    def strategy(self) -> Strategy | None:
         """The strategy being run (built in `setup`)."""
         return None if self.engine is None else self.engine.strategy
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that stopped the run (signal.SIGINT / SIGTERM), else None."""
+        return self._stop.signal
 
     # ----------------------------------------------------------------- set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -238,23 +228,18 @@ class M2N2Callback(Callback):
         self.engine.strategy.to(pl_module.device)
         if self.evaluate is not None:
             self.engine.attach_evaluate(self.resources, self.evaluate, self.resource_batch_size)
-            self._resources_hash = f"{self.engine.shard_sizes} examples scored by {getattr(self.evaluate, '__qualname__', self.evaluate)}"
+            self._resume.set_resources(
+                f"{self.engine.shard_sizes} examples scored by {getattr(self.evaluate, '__qualname__', self.evaluate)}"
+            )
         else:
             inputs, targets = self._resources(trainer)
             check_labels(targets, getattr(trainer.datamodule, "num_classes", None))
             self.engine.attach(inputs, targets)
-            self._resources_hash = resource_hash(inputs, targets)
-        if self._saved_resources not in (None, self._resources_hash) and not self.allow_resume_changes:
-            raise ValueError(RESOURCES_CHANGED)
+            self._resume.set_resources(resource_hash(inputs, targets))
         self.engine.start()
         for logger in trainer.loggers:  # hparams.yaml then holds the strategy's settings too
             logger.log_hyperparams({"evolution": run_fingerprint(self.engine)})
-        trainer.strategy.optimizers = [self.optimizer(pl_module)]
-        trainer.strategy.lr_scheduler_configs = []
-        if pl_module.automatic_optimization:
-            trainer.fit_loop._skip_backward = True
-            self._requires_grad = [p.requires_grad for p in pl_module.parameters()]
-            pl_module.requires_grad_(False)
+        self._takeover.take_over(trainer, pl_module, self.optimizer(pl_module))
 
     def _resources(self, trainer: L.Trainer) -> tuple[Tensor, Tensor]:
         if self.resources is not None:
@@ -267,21 +252,16 @@ class M2N2Callback(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.forward_passes_at_start = self.engine.forward_passes
-        self.stop_signal = None
-        self._handlers = install_stop_handlers(self._request_stop)
-
-    def _request_stop(self, signum: int, frame: Any) -> None:
-        if self.stop_signal == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: now (engine.step rolls the step back)
-        self.stop_signal = signum
+        # a SIGTERM caught by Lightning's own handler since it installed it (just before the fit loop): stop now
+        self._stop.install(signal.SIGTERM if trainer.received_sigterm else None)
+        self._stop.check()
 
     # ---------------------------------------------------------------- logging
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         log_evolution(pl_module, self.engine)
-        if self.stop_signal is not None:
-            raise KeyboardInterrupt(f"stopped by signal {signal.Signals(self.stop_signal).name}")
+        self._stop.check()
         if self.max_forward_passes is not None and self.engine.forward_passes >= self.max_forward_passes:
             trainer.should_stop = True  # the budget is spent: every rank stops after this step
 
@@ -293,28 +273,23 @@ class M2N2Callback(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._restore_gradients(trainer, pl_module)
+            self._restore(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_gradients(trainer, pl_module)
+        self._restore(trainer, pl_module)
 
-    def _restore_gradients(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Undo what `on_fit_start` switched off: the backward pass, `requires_grad`, the signal handlers."""
-        restore_handlers(self._handlers)
-        self._handlers = {}
-        trainer.fit_loop._skip_backward = False
-        if self._requires_grad is not None:
-            for p, flag in zip(pl_module.parameters(), self._requires_grad):
-                p.requires_grad_(flag)
-            self._requires_grad = None
+    def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Undo what fit switched: the signal handlers, the backward pass, `requires_grad`."""
+        self._stop.restore()
+        self._takeover.hand_back(trainer, pl_module)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The strategy's state (archive, scores, generator, counters) and what it was run with."""
-        return {} if self.engine is None else evolution_state(self.engine, self._resources_hash)
+        return {} if self.engine is None else self._resume.state_dict(self.engine)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the strategy (Lightning calls this after `setup`), after checking that the checkpoint was
         made by the same strategy, settings and model; the resources are checked in `on_fit_start`."""
         if state_dict:
-            self._saved_resources = restore_evolution_state(self.engine, state_dict, self.allow_resume_changes)
+            self._resume.load_state_dict(self.engine, state_dict)

@@ -2,23 +2,24 @@
 
 - `AtomicCheckpointIO`: Lightning's checkpoint IO, but every file is written
   beside its target and renamed over it (a kill at any moment leaves the
-  previous good checkpoint, and no stray temporary file elsewhere), and every
-  load passes `weights_only=True` (a crafted pickle cannot run code).
+  previous good checkpoint; the partial file of a writer killed with SIGKILL
+  is removed by the next save of that checkpoint), and every load passes
+  `weights_only=True` (a crafted pickle cannot run code).
 - `InterruptCheckpoint`: the checkpoint written when a run stops on a signal
   or an exception, only once this run has made an evolution step (a failure
   before that leaves nothing that could be mistaken for progress).
-- `run_fingerprint` / `resume_differences`: what a checkpoint was made with
-  (strategy class and settings, parameter layout, a hash of the resources),
-  compared on resume.
+
+What a checkpoint holds for evolution, and what a resume checks, is
+`m2n2_lightning.resume`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
+import signal
+import socket
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,25 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_info
+
+from m2n2_lightning.distributed import RankTimeoutError
+from m2n2_lightning.stopping import SignalStop
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the target's directory, fsync, rename; load with `weights_only=True`."""
+    """Write to a temporary file in the target's directory, fsync, rename; load with `weights_only=True`.
+
+    The temporary file is `.<name>.<host>-<pid>-<random>.tmp`; a save first
+    removes those of this host whose writer process is gone (killed mid-write).
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        prefix = f".{target.name}.{socket.gethostname()}-"
+        remove_orphans(target.parent, prefix)
+        handle, temporary = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(handle, "wb") as file:
                 torch.save(checkpoint, file)
@@ -50,6 +60,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location)
 
 
+def remove_orphans(folder: Path, prefix: str) -> None:
+    """Delete the `<prefix><pid>-*.tmp` files in `folder` whose process `pid` no longer runs."""
+    for leftover in folder.iterdir():
+        pid = leftover.name[len(prefix):].split("-", 1)[0]
+        if not (leftover.name.startswith(prefix) and leftover.name.endswith(".tmp") and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint loaded with `weights_only=True`, or a ValueError saying why it is not usable."""
     path = Path(path)
@@ -59,14 +83,17 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
         raise ValueError(f"checkpoint {path} is empty (0 bytes): it is not a usable checkpoint; resume from another one")
     try:
         content = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # corrupted bytes make the unpickler raise almost anything (KeyError, IndexError, ...)
+        text = str(err)
+        if isinstance(err, pickle.UnpicklingError) and ("GLOBAL" in text or "unrecognized function" in text):
+            raise ValueError(
+                f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses to load (it could run "
+                f"code), so it is not loaded: {text}"
+            ) from err
+        detail = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
         raise ValueError(
-            f"checkpoint {path} holds objects that torch.load(weights_only=True) refuses to load (it could run "
-            f"code), so it is not loaded: {err}"
-        ) from err
-    except (EOFError, RuntimeError, OSError, ValueError) as err:
-        raise ValueError(
-            f"checkpoint {path} is not a usable checkpoint (truncated, corrupted or not a torch file): {err}"
+            f"checkpoint {path} is not a usable checkpoint (truncated, corrupted or not a torch file: "
+            f"{type(err).__name__}: {detail})"
         ) from err
     if not isinstance(content, dict) or "state_dict" not in content:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry)")
@@ -84,7 +111,11 @@ class InterruptCheckpoint(Callback):
     """Save `<dirpath>/<filename>.ckpt` when fit stops on an exception or a signal, once this run has stepped.
 
     The evolution callback stops at an evolution-step boundary, so the file is
-    a consistent state that `ckpt_path=` resumes exactly.
+    a consistent state that `ckpt_path=` resumes exactly. The message (on
+    rank zero, through Lightning's log) names the file to resume from, or says
+    that nothing was saved because this run had not made a step. After a rank
+    stopped responding (`RankTimeoutError`), rank zero writes the file without
+    the barrier that would wait for the lost rank.
     """
 
     def __init__(self, dirpath: str | os.PathLike, filename: str = "interrupted") -> None:
@@ -96,62 +127,18 @@ class InterruptCheckpoint(Callback):
         self._start_step = trainer.global_step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self._start_step is None or trainer.global_step <= self._start_step:
-            return
-        trainer.save_checkpoint(self.path)
-        self.saved = self.path
-
-
-def resource_hash(inputs: Tensor | Mapping[str, Tensor], targets: Tensor) -> str:
-    """SHA-256 of the resources' shapes, dtypes and bytes (what a resumed run must score on)."""
-    digest = hashlib.sha256()
-    for tensor in [*(inputs.values() if isinstance(inputs, Mapping) else [inputs]), targets]:
-        data = tensor.detach().contiguous().cpu()
-        digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The entries of two fingerprints that differ, as 'key: saved -> current' lines."""
-    keys = sorted(set(saved) | set(current))
-    return [f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now" for key in keys if saved.get(key) != current.get(key)]
-
-
-#: The message for a resume on other resources.
-RESOURCES_CHANGED = (
-    "the checkpoint was made on other resources (their content hash differs: other data, split, normalisation "
-    "or order); resume with the same data, or pass allow_resume_changes=True (train.py: "
-    "allow_resume_changes=true) to continue anyway"
-)
-
-
-def run_fingerprint(engine: Any) -> dict[str, Any]:
-    """What a run is: the strategy's class and settings and the parameter layout (compared on resume)."""
-    strategy = engine.strategy
-    layout = hashlib.sha256(repr(engine.flat.layout).encode()).hexdigest()[:16]
-    return {"strategy": type(strategy).__name__, **strategy.settings(), "parameter_layout": layout}
-
-
-def evolution_state(engine: Any, resources: str | None) -> dict[str, Any]:
-    """The callback's checkpoint state: the strategy's state_dict, the run's fingerprint, the resources' hash."""
-    return {"strategy": engine.strategy.state_dict(), "run": run_fingerprint(engine), "resources": resources}
-
-
-def restore_evolution_state(engine: Any, state: dict[str, Any], allow_changes: bool) -> str | None:
-    """Load `evolution_state` into the engine's strategy after comparing fingerprints (ValueError naming
-    every difference unless `allow_changes`); returns the saved resources hash, checked once they are known."""
-    if set(state) != {"strategy", "run", "resources"}:
-        raise ValueError("the checkpoint's evolution state was not written by this version of M2N2Callback")
-    differences = resume_differences(state["run"], run_fingerprint(engine))
-    if differences and not allow_changes:
-        raise ValueError(
-            "the checkpoint was made with other settings than this run asks for:\n  " + "\n  ".join(differences)
-            + "\nUse the checkpoint's settings, or pass allow_resume_changes=True (train.py: "
-            "allow_resume_changes=true) to continue anyway with the checkpoint's evolutionary state."
+        cause = (
+            f"Stopped by {signal.Signals(exception.signum).name}" if isinstance(exception, SignalStop)
+            else f"Failed ({type(exception).__name__})"
         )
-    try:
-        engine.strategy.load_state_dict(state["strategy"])
-    except (KeyError, RuntimeError, ValueError) as err:
-        raise ValueError(f"the checkpoint's strategy state does not fit {type(engine.strategy).__name__}: {err}") from err
-    return state["resources"]
+        if self._start_step is None or trainer.global_step <= self._start_step:
+            rank_zero_info(f"{cause} before this run's first training step: no interrupt checkpoint written")
+            return
+        if isinstance(exception, RankTimeoutError):
+            if trainer.is_global_zero:
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint()  # what save_checkpoint writes
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
+        else:
+            trainer.save_checkpoint(self.path, weights_only=False)
+        self.saved = self.path
+        rank_zero_info(f"{cause} after training step {trainer.global_step}: resume with ckpt_path={self.path}")

@@ -14,12 +14,23 @@ score a near-tie differently from a run on 1 rank. A fixed `block_size` makes
 every block the same forward call whatever the number of ranks, so the scores
 and the archive are bit-identical for 1, 2, ... ranks (up to the number of
 blocks), on identical hardware.
+
+A rank that stops responding (stopped, hung, killed) makes the others fail
+after the collective timeout, `EvolutionDDPStrategy(timeout=...)` (5 minutes
+by default, not DDP's 30; `trainer.strategy.timeout=<seconds>` in train.py's
+`trainer=ddp`), with a `RankTimeoutError` that says so. On gloo (CPUs) the
+waiting collective raises; NCCL's watchdog aborts the process after the same
+timeout, with its own message.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
 
 import lightning as L
 import torch
@@ -33,6 +44,14 @@ STRATEGY_NAME = "ddp_evolution"
 
 #: A block of resources: examples [start, stop).
 Block = tuple[int, int]
+
+#: How long a collective waits for the other ranks before it fails (DDP's own default is 30 minutes).
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+#: gloo's messages for a collective whose peer did not answer (a timeout, or the connection it then closed).
+LOST_RANK_MESSAGES = (
+    "Timed out waiting", "timeout caused pair closure", "Connection closed by peer", "Connection reset by peer"
+)
 
 
 def world() -> tuple[int, int]:
@@ -107,14 +126,49 @@ def broadcast_module_state(module: nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
+def collective_timeout(timeout: float | timedelta) -> timedelta:
+    """A collective timeout given in seconds (int or float) or as a timedelta, checked positive and finite."""
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(
+            f"the DDP collective timeout must be a positive number of seconds (or a datetime.timedelta), got "
+            f"{timeout!r}; e.g. trainer.strategy.timeout=300 in train.py, EvolutionDDPStrategy(timeout=300) in Python"
+        )
+    return timeout if isinstance(timeout, timedelta) else timedelta(seconds=seconds)
+
+
+class RankTimeoutError(RuntimeError):
+    """A collective failed because another rank did not answer within the collective timeout (or went away)."""
+
+    def __init__(self, timeout: timedelta, where: str, cause: BaseException) -> None:
+        rank, world_size = world()
+        super().__init__(
+            f"rank {rank} of {world_size}: the other ranks did not answer within the collective timeout of "
+            f"{timeout.total_seconds():g} s, or closed their connection ({where}): a rank stopped responding "
+            "(stopped, hung, killed, or far slower than this one). Look at the other ranks; if they are only "
+            "slow, raise the timeout with "
+            "trainer.strategy.timeout=<seconds> (train.py, trainer=ddp) or EvolutionDDPStrategy(timeout=<seconds>). "
+            f"The backend said: {cause}"
+        )
+
+
+def lost_rank(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because a peer rank did not answer (gloo's messages)."""
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in LOST_RANK_MESSAGES)
+
+
 class EvolutionDDPStrategy(DDPStrategy):
     """Lightning's DDP without the `DistributedDataParallel` wrapper, for gradient-free evolution.
 
     Use it as `Trainer(strategy="ddp_evolution", devices=N)` (registered under
     that name when `m2n2_lightning` is imported), as
     `Trainer(strategy=EvolutionDDPStrategy(...), ...)` with any `DDPStrategy`
-    argument (`process_group_backend`, `timeout`, `start_method`, ...), or
-    through `conf/trainer/ddp.yaml`.
+    argument (`process_group_backend`, `start_method`, ...), or through
+    `conf/trainer/ddp.yaml`. `timeout`: how long a collective waits for the
+    other ranks, in seconds or as a timedelta (default `DEFAULT_TIMEOUT`, 5
+    minutes); a rank that stops responding then makes the others fail with a
+    `RankTimeoutError` (in the evolution step, barriers, broadcasts and
+    reductions) instead of blocking them.
 
     Why not Lightning's plain "ddp": it wraps the LightningModule in
     `torch.nn.parallel.DistributedDataParallel`, whose only job is to average
@@ -134,8 +188,37 @@ class EvolutionDDPStrategy(DDPStrategy):
     the synchronisation of torchmetrics.
     """
 
+    def __init__(self, *args: Any, timeout: float | timedelta = DEFAULT_TIMEOUT, **kwargs: Any) -> None:
+        super().__init__(*args, timeout=collective_timeout(timeout), **kwargs)
+
     def configure_ddp(self) -> None:
         broadcast_module_state(self.model)
+
+    @contextmanager
+    def _explained(self, where: str) -> Iterator[None]:
+        """Re-raise a collective's failure for want of a peer as a `RankTimeoutError` naming the timeout."""
+        try:
+            yield
+        except RuntimeError as error:
+            if not lost_rank(error):
+                raise
+            raise RankTimeoutError(self._timeout, where, error) from error
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._explained("in the evolution step's score all-gather"):
+            return super().optimizer_step(*args, **kwargs)
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        with self._explained("in a barrier"):
+            super().barrier(*args, **kwargs)
+
+    def broadcast(self, *args: Any, **kwargs: Any) -> Any:
+        with self._explained("in a broadcast"):
+            return super().broadcast(*args, **kwargs)
+
+    def reduce(self, *args: Any, **kwargs: Any) -> Any:
+        with self._explained("in a reduction"):
+            return super().reduce(*args, **kwargs)
 
 
 def warn_if_wrapped(trainer: L.Trainer) -> None:

@@ -30,6 +30,7 @@ from m2n2_lightning.evaluator import (
     ModuleEvaluator,
     resource_batches,
 )
+from m2n2_lightning.loggers import log_figure
 from m2n2_lightning.metrics import class_accuracy, niche_occupancy, save_heatmap
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.scoring import ScoreFn, get_score_fn, targets_of
@@ -263,8 +264,8 @@ def save_and_log_heatmap(trainer: L.Trainer, engine: EvolutionEngine, num_classe
         return None
     path = Path(directory) / "class_accuracy.png"
     figure = engine.save_class_heatmap(path, num_classes)
-    for logger in trainer.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):
-            experiment.add_figure("niche/class_accuracy", figure, global_step=trainer.global_step)
+    log_figure(trainer.loggers, "niche/class_accuracy", figure, trainer.global_step)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
     return path

@@ -11,6 +11,7 @@ member, which the model's parameters always hold.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from m2n2_lightning.callback import M2N2Callback
+from m2n2_lightning.checkpointing import load_checkpoint_file
 from m2n2_lightning.optimizer import EvolutionOptimizer
 from m2n2_lightning.scoring import ScoreFn
 from m2n2_lightning.strategies.base import StrategySpec
@@ -59,6 +61,20 @@ class EvolutionModule(L.LightningModule):
         self.num_classes = num_classes
         self.val_acc: MulticlassAccuracy | None = None
         self.test_acc: MulticlassAccuracy | None = None
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | os.PathLike, *args: Any, weights_only: bool = True, **kwargs: Any
+    ) -> EvolutionModule:
+        """Lightning's `load_from_checkpoint` with `weights_only=True` unless asked otherwise: loading never
+        runs code from the file (whatever `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` says), and a crafted, empty or
+        corrupted file is refused with the reason, as `ckpt_path=` and `init_from` refuse it."""
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        except Exception:
+            if isinstance(checkpoint_path, (str, os.PathLike)):
+                load_checkpoint_file(checkpoint_path)  # raises the ValueError saying what is wrong with the file
+            raise
 
     @property
     def strategy(self):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from m2n2_lightning import EvolutionModule, FlatParams
 from m2n2_lightning.checkpointing import InterruptCheckpoint, load_checkpoint_file
 from m2n2_lightning.config import register_schema, steps_for
+from m2n2_lightning.loggers import check_logger_installed
 from m2n2_lightning.metrics import save_accuracy_curves
 from m2n2_lightning.progress import EvolutionProgressBar
-from m2n2_lightning.stopping import exit_code
 from m2n2_lightning.strategies.base import build_strategy
 from m2n2_lightning.threads import auto_threads
 
@@ -54,6 +52,7 @@ def main(cfg: DictConfig) -> dict | float:
     # (`_partial_: true`), called with the model's D; the data module's constructor reads nothing.
     if cfg.ckpt_path is not None:
         load_checkpoint_file(cfg.ckpt_path)
+    check_logger_installed(cfg.logger)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, in_features=cfg.model.get("in_features") or datamodule.input_dim)
     flat = FlatParams(model, include_frozen=cfg.module.get("evolve_frozen", False))
@@ -80,13 +79,8 @@ def main(cfg: DictConfig) -> dict | float:
     )
 
     start = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    except SystemExit:  # Lightning's own exit after an interrupt (it has written the interrupt checkpoint)
-        stop = module.evolution.stop_signal
-        where = f"resume with ckpt_path={interrupted.saved}" if interrupted.saved else "no step was made, nothing saved"
-        print(f"Stopped by {signal.Signals(stop).name if stop else 'an interrupt'}: {where}", flush=True)
-        sys.exit(exit_code(stop) if stop else 1)
+    # SIGINT / SIGTERM: SignalStop, exit 130 / 143, after `interrupted` has saved and said where
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     wall = time.perf_counter() - start
     trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt", weights_only=False)  # the final state, whatever the interval
     test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
@@ -121,6 +115,11 @@ def main(cfg: DictConfig) -> dict | float:
         summary["strategy"], strategy.seed, done, wall, summary["forward_passes_per_second"], best_train, test_acc,
     )
     log.info("Outputs in %s: summary.json, best_model.pt, checkpoints/, logs/ (metrics, plots).", out)
+    return result_of(cfg, summary)
+
+
+def result_of(cfg: DictConfig, summary: dict) -> dict | float:
+    """What `main` returns: the summary, or its `optimized_metric` entry for a sweeper."""
     metric = cfg.get("optimized_metric")
     return float(summary[metric]) if metric else summary
 
