@@ -34,13 +34,16 @@ def mnist_dir() -> Path:
     )
 
 
-# --- Lightning helpers shared by test_callback.py, test_module.py and ddp_run.py ----------------------------------
+# --- Lightning helpers shared by test_callback*.py, test_module.py and ddp_run.py ---------------------------------
 # (import them with `from conftest import Classifier, make_trainer`: pytest puts tests/ on sys.path, and
 # ddp_run.py runs as a script from tests/.)
 
 import lightning as L
 import torch
 from torch import Tensor, nn
+
+from m2n2_lightning import FlatParams
+from m2n2_lightning.data import DigitsDataModule
 
 
 class CountingAdam(torch.optim.Adam):
@@ -103,6 +106,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def flat(module: nn.Module) -> Tensor:
+    """The module's parameters as one flat vector, in the order M2N2Callback evolves them."""
+    return FlatParams(module).flatten(module)
+
+
+@pytest.fixture(scope="module")
+def digits() -> DigitsDataModule:
+    """The digits data (test_callback.py, test_callback_merge.py), set up once per test module."""
+    data = DigitsDataModule()
+    data.setup()
+    return data
 
 
 # --- Strategy helpers shared by test_strategy.py, test_operators.py, test_speed_paths.py and test_map_elites.py ----

@@ -1,4 +1,4 @@
-"""M2N2Callback under a real Trainer: evolution instead of the optimizer, merging, resume, errors."""
+"""M2N2Callback under a real Trainer: evolution instead of the optimizer, its settings, resume, errors."""
 
 from __future__ import annotations
 
@@ -9,61 +9,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Classifier, make_trainer
+from conftest import Classifier, flat, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch import Tensor
 
-from m2n2_lightning import (
-    CMAESStrategy,
-    FlatParams,
-    M2N2Callback,
-    M2N2Strategy,
-    MAPElitesStrategy,
-)
+from m2n2_lightning import CMAESStrategy, M2N2Callback, M2N2Strategy
 from m2n2_lightning.data import DigitsDataModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def flat(module: nn.Module) -> Tensor:
-    return FlatParams(module).flatten(module)
-
-
-@pytest.fixture(scope="module")
-def digits() -> DigitsDataModule:
-    data = DigitsDataModule()
-    data.setup()
-    return data
-
-
-@torch.no_grad()
-def accuracy_on_test_set(module: nn.Module, data: DigitsDataModule) -> float:
-    x, y = data.test_tensors
-    return (module(x).argmax(dim=1) == y).float().mean().item()
-
-
-def accuracy(module: nn.Module, inputs: Tensor, targets: Tensor) -> float:
-    with torch.no_grad():
-        return (module(inputs).argmax(dim=1) == targets).float().mean().item()
-
-
-@pytest.fixture(scope="module")
-def specialists(tmp_path_factory: pytest.TempPathFactory, digits: DigitsDataModule) -> list[tuple[Classifier, Path]]:
-    """Two classifiers trained with Adam (10 full-batch steps) on the train digits 0-4 and 5-9, each with the
-    Lightning checkpoint of its training."""
-    x, y = digits.train_tensors
-    folder = tmp_path_factory.mktemp("specialists")
-    trained = []
-    for seed, (low, high) in enumerate(((0, 5), (5, 10)), start=1):
-        keep = (y >= low) & (y < high)
-        specialist = Classifier(hidden=64, seed=seed)
-        trainer = make_trainer(folder, 10)
-        trainer.fit(specialist, DataLoader(TensorDataset(x[keep], y[keep]), batch_size=int(keep.sum())))
-        trainer.save_checkpoint(folder / f"specialist{seed}.ckpt")
-        trained.append((specialist, folder / f"specialist{seed}.ckpt"))
-    return trained
 
 
 def test_evolves_instead_of_stepping_the_optimizer(tmp_path: Path, digits: DigitsDataModule) -> None:
@@ -98,44 +52,6 @@ def test_default_strategy_is_the_papers_m2n2(tmp_path: Path, digits: DigitsDataM
     assert (strategy.capacity, strategy.score_shift, strategy.warmup_steps) == ("unit", False, 0)
     assert strategy.chromosome_patterns is None and strategy.slerp_angle == "whole"
     assert strategy.init_models is None and strategy.forward_passes == 1
-
-
-def test_merging_specialists_beats_each(
-    tmp_path: Path, digits: DigitsDataModule, specialists: list[tuple[Classifier, Path]]
-) -> None:
-    (first, _), (_, second_checkpoint) = specialists
-    torch.save(first.state_dict(), tmp_path / "specialist1.pt")
-    sources = [tmp_path / "specialist1.pt", second_checkpoint]  # a plain state_dict file and a Lightning checkpoint
-
-    merged, callback = Classifier(hidden=64, seed=3), M2N2Callback(init_from=sources)
-    make_trainer(tmp_path, 600, [callback]).fit(merged, datamodule=digits)
-
-    assert callback.strategy.mutation_sigma == 0.0
-    accuracies = [accuracy_on_test_set(m, digits) for m, _ in specialists]
-    assert max(accuracies) < 0.5  # each knows only half of the classes
-    assert accuracy_on_test_set(merged, digits) > max(accuracies) + 0.1
-
-
-def test_init_from_goes_to_a_map_elites_factory(
-    tmp_path: Path, digits: DigitsDataModule, specialists: list[tuple[Classifier, Path]]
-) -> None:
-    x, y = digits.train_tensors
-    models = [model for model, _ in specialists]  # seeds given as modules
-    merged = Classifier(hidden=64, seed=3)
-    callback = M2N2Callback(strategy=partial(MAPElitesStrategy, bins=4, descriptor_labels=y), init_from=models)
-    make_trainer(tmp_path, 600, [callback]).fit(merged, datamodule=digits)
-
-    strategy = callback.strategy
-    assert type(strategy) is MAPElitesStrategy and strategy.bins == 4 and strategy.archive.members.shape[0] == 16
-    # the factory was called with the seeds (the modules' parameters, in order), so mutation is off
-    assert len(strategy.init_models) == 2
-    for seed_vector, specialist in zip(strategy.init_models, models):
-        assert torch.equal(seed_vector, flat(specialist))
-    assert strategy.mutation_sigma == 0.0 and strategy.forward_passes == 600
-    assert torch.equal(flat(merged), strategy.best_params())
-    train_accuracies = [accuracy(m, x, y) for m in models]
-    assert accuracy(merged, x, y) > max(train_accuracies) + 0.1
-    assert accuracy_on_test_set(merged, digits) > max(accuracy_on_test_set(m, digits) for m in models) + 0.05
 
 
 def test_resume_from_a_checkpoint_is_exact(tmp_path: Path, digits: DigitsDataModule) -> None:

@@ -1,18 +1,15 @@
-"""M2N2Strategy: start/ask/tell semantics, initialisation, ablations, bad input, state; build_strategy."""
+"""M2N2Strategy: start/ask/tell semantics, initialisation, ablations, bad input, state."""
 
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 from conftest import start_with_scores
 
-from m2n2_lightning import MLP, FlatParams, MAPElitesStrategy, M2N2Strategy, Strategy
+from m2n2_lightning import MLP, MAPElitesStrategy, M2N2Strategy, Strategy
 from m2n2_lightning.strategies import operators as ops
-from m2n2_lightning.strategies.archive import Archive
-from m2n2_lightning.strategies.base import build_strategy
 
 D, N = 12, 9
 
@@ -109,6 +106,13 @@ def test_init_from_models_inserts_them_and_does_not_mutate() -> None:
     # parallel members: the linear mix (1 - t) a + t b with t = w before the split, 1 - w after
     assert child.unique().numel() <= 2
     assert torch.all((child >= 1) & (child <= 3))
+
+
+def test_seed_models_given_as_one_tensor_are_the_rows() -> None:
+    models = torch.stack([torch.full((D,), float(i + 1)) for i in range(3)])  # [3, D]: three seed models
+    strategy = M2N2Strategy(num_params=D, pop_size=4, init_models=models)
+    assert strategy.mutation_sigma == 0.0
+    assert torch.equal(start_with_scores(strategy, torch.eye(3, N)), models)
 
 
 def test_no_crossover_no_mutation_copies_a_member() -> None:
@@ -271,117 +275,3 @@ def test_state_dict_of_another_d_is_refused() -> None:
 def test_strategies_are_strategies_but_map_elites_is_not_m2n2() -> None:
     assert issubclass(M2N2Strategy, Strategy) and issubclass(MAPElitesStrategy, Strategy)
     assert not issubclass(MAPElitesStrategy, M2N2Strategy)
-
-
-# ------------------------------------------------------------------------------------------ build_strategy
-def test_build_strategy_returns_a_built_strategy_of_the_model_d_and_refuses_another() -> None:
-    built = M2N2Strategy(num_params=D, pop_size=4)
-    assert build_strategy(built, D) is built
-    with pytest.raises(
-        ValueError, match=rf"built for D = {D} parameters, but the model has {D + 1}; build it with num_params={D + 1}"
-    ):
-        build_strategy(built, D + 1)
-
-
-def test_build_strategy_calls_a_factory_with_num_params_and_the_seed_models() -> None:
-    calls = []
-
-    def factory(**kwargs) -> M2N2Strategy:
-        calls.append(kwargs)
-        return M2N2Strategy(pop_size=3, **kwargs)
-
-    strategy = build_strategy(factory, D)
-    assert calls == [{"num_params": D}]
-    assert strategy.num_params == D and strategy.pop_size == 3
-    models = (torch.zeros(D), torch.ones(D))  # a tuple: the factory receives a list
-    merged = build_strategy(factory, D, init_models=models)
-    assert sorted(calls[1]) == ["init_models", "num_params"] and calls[1]["num_params"] == D
-    assert isinstance(calls[1]["init_models"], list) and len(calls[1]["init_models"]) == 2
-    assert all(torch.equal(got, want) for got, want in zip(merged.init_models, models))
-    assert merged.mutation_sigma == 0.0
-
-    partial = build_strategy(functools.partial(M2N2Strategy, pop_size=8, seed=1), D)
-    assert isinstance(partial, M2N2Strategy)
-    assert (partial.num_params, partial.pop_size, partial.seed) == (D, 8, 1)
-    assert build_strategy(M2N2Strategy, D).settings() == M2N2Strategy(num_params=D).settings()  # the class itself
-
-
-def test_build_strategy_refuses_seed_models_for_a_built_strategy() -> None:
-    with pytest.raises(ValueError, match=r"pass a factory instead, e\.g\. strategy=functools\.partial\(M2N2Strategy, \.\.\.\)"):
-        build_strategy(M2N2Strategy(num_params=D), D, init_models=[torch.zeros(D), torch.ones(D)])
-
-
-def test_build_strategy_refuses_what_is_not_a_strategy() -> None:
-    with pytest.raises(ValueError, match="returned object, not a Strategy"):
-        build_strategy(lambda num_params: object(), D)
-    with pytest.raises(ValueError, match="must be a Strategy or a factory returning one, got 3"):
-        build_strategy(3, D)
-
-
-def test_build_strategy_gives_the_layout_to_factories_that_take_one() -> None:
-    flat = FlatParams(MLP(3, 4, 2))  # w1 [3, 4] is entries 0-11, then b1, w2, b2 up to 26
-    strategy = build_strategy(functools.partial(M2N2Strategy, chromosomes=["w1"]), flat.num_params, layout=flat.layout)
-    assert strategy.chromosomes.groups == (((0, 12),), ((12, 26),))
-    calls = []
-
-    def factory(num_params: int) -> M2N2Strategy:
-        calls.append(num_params)
-        return M2N2Strategy(num_params=num_params)
-
-    assert build_strategy(factory, flat.num_params, layout=flat.layout).num_params == 26
-    assert calls == [26]
-
-
-def test_seed_models_given_as_one_tensor_are_the_rows() -> None:
-    models = torch.stack([torch.full((D,), float(i + 1)) for i in range(3)])  # [3, D]: three seed models
-    strategy = M2N2Strategy(num_params=D, pop_size=4, init_models=models)
-    assert strategy.mutation_sigma == 0.0
-    assert torch.equal(start_with_scores(strategy, torch.eye(3, N)), models)
-
-
-# ------------------------------------------------------------------------------------------------- Archive
-def started_archive() -> Archive:
-    """Archive(4, 3) with N = 5 and two rows written by hand: slot 2 = 7s, slot 0 = -1s."""
-    archive = Archive(4, 3)
-    archive.allocate(5)
-    archive.write(torch.tensor(2), torch.full((3,), 7.0), torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
-    archive.write(torch.tensor(0), torch.full((3,), -1.0), torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
-    archive.write(torch.tensor(4), torch.full((3,), 9.0), torch.ones(5))  # slot P: the newcomer lost
-    archive.write(torch.tensor(1), torch.full((3,), 9.0), torch.ones(5), accept=torch.tensor(False))
-    return archive
-
-
-def test_archive_allocate_and_write_by_hand() -> None:
-    archive = Archive(4, 3)
-    assert archive.num_resources == 0 and archive.scores.shape == (4, 0) and not archive.occupied.any()
-    archive = started_archive()
-    assert archive.num_resources == 5
-    assert archive.occupied.tolist() == [True, False, True, False]
-    expected = torch.tensor([[-1.0] * 3, [0.0] * 3, [7.0] * 3, [0.0] * 3])
-    assert torch.equal(archive.members, expected)
-    assert archive.scores.sum(dim=1).tolist() == [1.0, 0.0, 3.0, 0.0]
-    assert torch.equal(archive.rows(torch.tensor([2, 0])), expected[[2, 0]])
-
-
-def test_unstarted_archive_takes_n_from_a_started_archives_state_dict() -> None:
-    state = copy.deepcopy(started_archive().state_dict())
-    fresh = Archive(4, 3)
-    fresh.load_state_dict(state)
-    assert fresh.num_resources == 5
-    for name in ("members", "scores", "occupied"):
-        assert torch.equal(getattr(fresh, name), state[name]), name
-    # and continues like the original
-    original = started_archive()
-    for archive in (original, fresh):
-        archive.write(torch.tensor(3), torch.full((3,), 4.0), torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
-    assert torch.equal(fresh.members, original.members) and torch.equal(fresh.scores, original.scores)
-
-
-def test_archive_state_dict_of_another_n_or_capacity_is_refused() -> None:
-    state = started_archive().state_dict()
-    other_n = Archive(4, 3)
-    other_n.allocate(6)  # started with N = 6: keeps it and refuses N = 5
-    with pytest.raises(RuntimeError, match="size mismatch for scores"):
-        other_n.load_state_dict(state)
-    with pytest.raises(RuntimeError, match="size mismatch for members"):
-        Archive(5, 3).load_state_dict(state)
