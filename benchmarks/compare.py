@@ -35,7 +35,8 @@ rows recorded so far (the table shows the forward passes each run reached).
 `--setting lm_merge` (compare_lm.py) runs the language-model merge of m2n2_lightning/lm
 through train.py's `experiment=lm_merge` config and the package's runner (callback and
 Trainer): methods m2n2, m2n2_max_char_fraction, ga, m2n2_no_split_point,
-m2n2_no_matchmaker, map_elites, slerp_brute_force, and skill_a / skill_b (each seed alone);
+m2n2_no_matchmaker, map_elites, cmaes_layerwise_slerp, slerp_brute_force, and skill_a /
+skill_b (each seed alone);
 `--forward-passes` defaults to the config's 1,000 evaluations. results.csv then also has a
 `<skill>_test` column per test set (test_acc is the mean of the two trained skills), and
 curves.csv / curves.png hold the population's coverage and fitness entropy after every
@@ -137,9 +138,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     torch.set_num_threads(args.threads)
     specs = build_lm_specs(args) if lm else build_specs(args)
     budget = f"{args.forward_passes:,}" if args.forward_passes else "the config's"
+    data = "" if lm else f"{args.data}, {args.precision}, "
     print(f"{len(specs)} runs: {', '.join(args.methods)} x seeds {args.seeds}, {budget} forward passes, "
-          f"{args.setting}, {args.data} {' '.join(args.override)}, {args.device}, {args.precision}, {args.jobs} job(s)",
-          flush=True)
+          f"{args.setting}, {data}{args.device}, {args.jobs} job(s) {' '.join(args.override)}", flush=True)
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
 

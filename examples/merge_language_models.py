@@ -1,109 +1,80 @@
 """Merge two fine-tuned Hugging Face language models with M2N2, scoring each candidate by generation.
 
 The paper's LLM experiment (section 4.2) at laptop scale: two fine-tunes of one small Llama base
-(m2n2_lightning/lm: one adds, one reverses strings), merged from their save_pretrained directories
-with an archive of 15, no mutation, a warm-up of 50 random merges and 1,000 evaluations, each
-candidate scored per training prompt by exact match of greedy generation.
+(m2n2_lightning/lm: one adds two-digit numbers, one reverses four letters) are merged from their
+save_pretrained directories with an archive of 15, no mutation, a warm-up of 50 random merges among
+the seeds and 1,000 evaluations, each candidate scored per training prompt by exact match of greedy
+generation. The merge is tested on both skills and on copying, a skill of the base that no score sees.
 
-    OMP_NUM_THREADS=1 python examples/merge_language_models.py --seeds 0 1 2     # about a minute a run here
+    OMP_NUM_THREADS=1 python examples/merge_language_models.py                  # about a minute here
+    OMP_NUM_THREADS=1 python examples/merge_language_models.py --continuous     # capacity "max", char-level score
 
-For your own models: replace `seed_dirs` by your two (or more) save_pretrained directories or hub ids
-of one architecture, `TRAIN` by your training prompts (a fixed-order dataset; e.g. the first 1,319 GSM8K
-training problems), and `exact_match` by your scoring (`fn(module, batch) -> [B]` in [0, 1]; it receives
-the LightningModule holding the candidate). With `storage="coefficients"` the archive holds the seeds
-once and one working copy, so two 7B models in bf16 need about 3 x 14 GB of memory, not 15 copies.
+(The package's seed models are built on first use, about 3 minutes. The paper's baselines at the same
+budget: `python benchmarks/compare.py --setting lm_merge`; the Hydra entry: `python train.py experiment=lm_merge`.)
+
+For your own models, change three things in `main`:
+- `seeds` and `model`: your two (or more) save_pretrained directories or hub ids of one architecture,
+  e.g. ["WizardLMTeam/WizardMath-7B-V1.0", "AgentGym/AgentEvol-7B"], and the model that holds each
+  candidate while it is scored (`AutoModelForCausalLM.from_pretrained(<one of them>, torch_dtype=torch.bfloat16)`).
+- `resources` and `tests`: fixed-order datasets of your prompts with their answers, e.g. the first 1,319
+  GSM8K training problems as resources and its 1,319 test problems as a test set.
+- `score` (and `test_fn`): `score(model, batch) -> [B]` in [0, 1], one score per prompt of a DataLoader
+  batch of `resources` (for GSM8K: generate with your tokenizer and chat template, parse the final number,
+  compare); `test_fn(model, dataset) -> float`, its mean over a test set.
+Memory: with `storage="coefficients"` the archive holds the seeds once and each member as a few
+coefficients, so a merge of two 7B models in bf16 (14 GB each) needs about four copies of one model
+(the two seeds, the model that scores a candidate, the candidate being built: some 55 GB) plus the
+activations of generation, instead of 15 archive members more (a dense archive: another 210 GB).
+Time is the scores: 1,000 evaluations of 1,319 generated answers each.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-from pathlib import Path
 
-import lightning as L
 import torch
-from torch import nn
+from transformers import AutoModelForCausalLM
 
-from m2n2_lightning import M2N2Callback, M2N2Strategy, MAPElitesStrategy
-from m2n2_lightning.lm.seeds import default_cache, seed_models
-from m2n2_lightning.lm.tasks import accuracy, exact_match, skill_dataset
-
-TRAIN = skill_dataset(("add", "rev"), "train")
-TEST = {name: skill_dataset((name,), "test").pairs for name in ("add", "rev", "copy")}
-
-
-class LanguageModel(L.LightningModule):
-    """The LightningModule a user has: a causal LM; training_step is only a monitor here."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        return None
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(range(10**6), batch_size=1)
-
-
-def score(module: nn.Module, batch) -> torch.Tensor:
-    return exact_match(module.model, batch)
-
-
-METHODS = {
-    "m2n2": functools.partial(M2N2Strategy, pop_size=15, warmup_steps=50, storage="coefficients"),
-    "m2n2_no_split_point": functools.partial(M2N2Strategy, pop_size=15, warmup_steps=50, use_split_point=False),
-    "m2n2_no_matchmaker": functools.partial(M2N2Strategy, pop_size=15, warmup_steps=50, use_matchmaker=False),
-    "ga": functools.partial(M2N2Strategy, pop_size=15, warmup_steps=50, alpha=0.0, use_matchmaker=False),
-    "map_elites": functools.partial(
-        MAPElitesStrategy, bins=4, descriptor_classes=[[0], [1]],
-        descriptor_labels=[0 if skill == "add" else 1 for skill in TRAIN.skills],
-    ),
-}
-
-
-def merge(method: str, seed: int, evaluations: int) -> dict[str, float]:
-    models = seed_models(seed=seed)
-    cache = default_cache(seed=seed)
-    module = LanguageModel(models["base"])
-    callback = M2N2Callback(
-        strategy=functools.partial(METHODS[method], seed=seed),
-        init_from=[cache / "skill_a", cache / "skill_b"],
-        evaluate=score, resources=TRAIN, resource_batch_size=100, max_forward_passes=evaluations,
-    )
-    trainer = L.Trainer(max_steps=evaluations, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module)
-    module.model.eval()
-    return {name: accuracy(module.model, pairs) for name, pairs in TEST.items()}
+from m2n2_lightning import M2N2Strategy
+from m2n2_lightning.lm.merge import merge_models
+from m2n2_lightning.lm.seeds import build_seeds, default_cache, preset
+from m2n2_lightning.lm.tasks import accuracy, char_fraction, exact_match, skill_dataset
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the seed models and of the search")
     parser.add_argument("--evaluations", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=None, help="write the rows as CSV here")
+    parser.add_argument("--out", default="merged_lm", help="save_pretrained directory of the merge")
+    parser.add_argument("--continuous", action="store_true",
+                        help="score by the fraction of answer characters right, with capacity c_j = max_i s_ij (eq. 5)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = []
-    for seed in args.seeds:
-        models = seed_models(seed=seed)
-        for name in ("skill_a", "skill_b"):
-            rows.append((name, seed, {k: accuracy(models[name].eval(), p) for k, p in TEST.items()}))
-        for method in args.methods:
-            rows.append((method, seed, merge(method, seed, args.evaluations)))
-            print(rows[-1], flush=True)
-    lines = ["method,seed,add_test,rev_test,mean_add_rev,copy_test"]
-    for method, seed, acc in rows:
-        lines.append(f"{method},{seed},{acc['add']:.4f},{acc['rev']:.4f},{(acc['add'] + acc['rev']) / 2:.4f},{acc['copy']:.4f}")
-    print("\n".join(lines))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+
+    cache = default_cache(seed=args.seed)
+    build_seeds(cache, preset(seed=args.seed))  # the package's seeds; replace by your own directories
+    seeds = [cache / "skill_a", cache / "skill_b"]
+    model = AutoModelForCausalLM.from_pretrained(cache / "base").eval()
+    resources = skill_dataset(("add", "rev"), "train")  # 100 prompts of each skill, fixed order
+    tests = {name: skill_dataset((name,), "test") for name in ("add", "rev", "copy")}
+    score = char_fraction if args.continuous else exact_match
+
+    for name, directory in zip(("skill A fine-tune", "skill B fine-tune"), seeds):
+        seed_model = AutoModelForCausalLM.from_pretrained(directory).eval()
+        print(name, {skill: round(accuracy(seed_model, data), 3) for skill, data in tests.items()})
+
+    strategy = functools.partial(
+        M2N2Strategy, pop_size=15, warmup_steps=50, storage="coefficients", seed=args.seed,
+        capacity="max" if args.continuous else "unit",
+    )
+    result = merge_models(strategy, seeds, model, resources, tests, args.evaluations, score=score, test_fn=accuracy)
+    print("merged", {skill: round(acc, 3) for skill, acc in result.test.items()},
+          f"({result.forward_passes} evaluations in {result.wall_seconds:.0f} s)")
+    final = result.curve[-1]
+    print(f"archive at the end: coverage {final['coverage']:.3f}, fitness entropy {final['fitness_entropy']:.3f} nats")
+    model.save_pretrained(args.out)  # AutoModelForCausalLM.from_pretrained(args.out) loads the merge
+    print(f"saved to {args.out}/")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class RunSchema:
     strategy: Any = None
     trainer: Any = None
     logger: Any = None
+    #: The language-model merge's settings (conf/experiment/lm_merge.yaml); None for the other experiments.
+    lm: Any = None
 
 
 def register_schema() -> None:

@@ -4,6 +4,7 @@
                                                      # or python -m m2n2_lightning)
     python train.py experiment=mnist_mlp             # MNIST, 784-256-10
     python train.py -m strategy=m2n2,ga seed=0,1,2   # a sweep
+    python train.py experiment=lm_merge              # merging two fine-tuned language models (m2n2_lightning/lm)
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def main(cfg: DictConfig) -> dict | float:
     if cfg.ckpt_path is not None:
         load_checkpoint_file(cfg.ckpt_path)
     check_logger_installed(cfg.logger)
+    if cfg.lm is not None:  # experiment=lm_merge: merging language models by generation (m2n2_lightning/lm)
+        from m2n2_lightning.lm.train_lm import run
+
+        return result_of(cfg, run(cfg, out))
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, in_features=cfg.model.get("in_features") or datamodule.input_dim)
     flat = FlatParams(model, include_frozen=cfg.module.get("evolve_frozen", False))

@@ -9,18 +9,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_lm_merge import tiny  # noqa: F401  (the tiny seed models, a module fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def compare():
+    """benchmarks/compare.py as a module (it puts benchmarks/ on sys.path for its compare_* modules)."""
     spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module  # its dataclass looks its module up there
+    sys.modules["compare"] = module
     spec.loader.exec_module(module)
     yield module
     del sys.modules["compare"]
+
+
+@pytest.fixture(scope="module")
+def runs(compare):
+    """benchmarks/compare_runs.py: the runs of the scratch and merge settings."""
+    import compare_runs
+
+    return compare_runs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # compare.main sets the thread count: restored afterwards
@@ -60,12 +70,12 @@ def test_scratch_outputs(compare, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("eval_every", [0, 10])
-def test_recorder_leaves_out_rows_that_repeat_both_accuracies(compare, eval_every: int) -> None:
+def test_recorder_leaves_out_rows_that_repeat_both_accuracies(runs, eval_every: int) -> None:
     """A new best member as good as the last one adds no row, except at fixed evaluation points and at the end."""
     model = torch.nn.Linear(2, 2, bias=False)
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    spec = compare.RunSpec("ga", 0, 30, eval_every, "cpu", 1, {}, {}, None, "correctness", None, None)
-    recorder = compare.Recorder(spec, model, (x, torch.tensor([0, 1])), (x, torch.tensor([0, 0])))
+    spec = runs.RunSpec("ga", 0, 30, eval_every, "cpu", 1, {}, {}, None, "correctness", None, None)
+    recorder = runs.Recorder(spec, model, (x, torch.tensor([0, 1])), (x, torch.tensor([0, 0])))
     weights = [torch.eye(2), 2 * torch.eye(2), 3 * torch.eye(2), torch.eye(2).flip(0)]  # the same accuracies, then others
     for step, w in zip((0, 10, 20, 30), weights):
         model.weight.data.copy_(w)
@@ -98,8 +108,8 @@ def test_bad_arguments_exit(compare, tmp_path: Path) -> None:
     assert compare.parse_seeds("3") == [0, 1, 2] and compare.parse_seeds("4,7") == [4, 7]
 
 
-def test_ctrl_c_keeps_the_rows_of_the_stopped_run(compare, tmp_path: Path, monkeypatch) -> None:
-    step = compare.EvolutionEngine.step
+def test_ctrl_c_keeps_the_rows_of_the_stopped_run(compare, runs, tmp_path: Path, monkeypatch) -> None:
+    step = runs.EvolutionEngine.step
     calls = []
 
     def interrupted_step(self, k=None):
@@ -108,9 +118,53 @@ def test_ctrl_c_keeps_the_rows_of_the_stopped_run(compare, tmp_path: Path, monke
             raise KeyboardInterrupt
         step(self, k)
 
-    monkeypatch.setattr(compare.EvolutionEngine, "step", interrupted_step)
+    monkeypatch.setattr(runs.EvolutionEngine, "step", interrupted_step)
     out = compare.main(["--methods", "m2n2,ga", "--seeds", "1", "--forward-passes", "200", "--out", str(tmp_path)])
     rows = read_rows(out / "results.csv")
     assert {r["method"] for r in rows} == {"m2n2"}  # the GA never started
     assert int(rows[-1]["forward_passes"]) == 50
     assert [row[:3] for row in table_rows(out / "table.md")] == [["M2N2", "1", "50"]]
+
+
+LM_COLUMNS = ("method", "seed", "forward_passes", "best_train_acc", "test_acc", "wall_seconds", "add_test", "rev_test",
+              "copy_test")
+
+
+def test_lm_merge_outputs(compare, tiny: Path, tmp_path: Path) -> None:  # noqa: F811
+    """--setting lm_merge on tiny seed models: rows at the test points, per-skill columns recomputed from the seeds."""
+    from transformers import AutoModelForCausalLM
+
+    from m2n2_lightning.lm.tasks import accuracy, skill_dataset
+
+    seeds = [f"lm.seed_dirs=['{tiny / 'skill_a'}','{tiny / 'skill_b'}']", f"lm.base='{tiny / 'base'}'"]
+    out = compare.main([
+        "--setting", "lm_merge", "--methods", "m2n2,cmaes_layerwise_slerp,slerp_brute_force,skill_a", "--seeds", "1",
+        "--forward-passes", "10", "--eval-every", "5", "--out", str(tmp_path),
+        *(arg for override in seeds for arg in ("--override", override)),
+    ])  # fmt: skip
+    with (out / "results.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == LM_COLUMNS
+        rows = list(reader)
+    assert [int(r["forward_passes"]) for r in rows if r["method"] == "m2n2"] == [0, 5, 10]
+    assert [int(r["forward_passes"]) for r in rows if r["method"] == "cmaes_layerwise_slerp"] == [0, 25]  # a generation
+    assert [int(r["forward_passes"]) for r in rows if r["method"] in ("slerp_brute_force", "skill_a")] == [10, 0]
+    for r in rows:
+        assert float(r["test_acc"]) == pytest.approx((float(r["add_test"]) + float(r["rev_test"])) / 2)
+    seed_a = AutoModelForCausalLM.from_pretrained(tiny / "skill_a").eval()
+    (row,) = [r for r in rows if r["method"] == "skill_a"]
+    for name in ("add", "rev", "copy"):
+        assert float(row[f"{name}_test"]) == accuracy(seed_a, skill_dataset((name,), "test"))
+    assert float(row["best_train_acc"]) == accuracy(seed_a, skill_dataset(("add", "rev"), "train"))
+    with (out / "curves.csv").open() as f:
+        curves = list(csv.DictReader(f))
+    assert [int(r["forward_passes"]) for r in curves if r["method"] == "m2n2"] == list(range(11))
+    cmaes = [(int(r["forward_passes"]), r["coverage"] != "") for r in curves if r["method"] == "cmaes_layerwise_slerp"]
+    assert cmaes == [(0, False), (25, True)]  # no population before the first generation is told
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| rank | method | seeds | evaluations | add test | rev test | copy test | mean")
+    means = [float(line.split("|")[8].split("±")[0]) for line in lines[2:]]
+    assert len(means) == 4 and means == sorted(means, reverse=True)
+    assert (out / "figure.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
+    again = compare.main(["--setting", "lm_merge", "--from-csv", str(out / "results.csv"), "--out", str(tmp_path / "again")])
+    assert (again / "table.md").read_text() == (out / "table.md").read_text() and (again / "curves.png").is_file()

@@ -1,5 +1,6 @@
-"""Small language models for the paper's LLM merge at laptop scale: skills, scoring and seed models."""
+"""Small language models for the paper's LLM merge at laptop scale: skills, scoring, seed models and the merge runner."""
 
+from m2n2_lightning.lm.merge import LanguageModel, MergeResult, merge_models
 from m2n2_lightning.lm.tasks import (
     SKILLS,
     TOKENIZER,
@@ -16,10 +17,13 @@ __all__ = [
     "SKILLS",
     "TOKENIZER",
     "CharTokenizer",
+    "LanguageModel",
+    "MergeResult",
     "PromptDataset",
     "Skill",
     "char_fraction",
     "exact_match",
+    "merge_models",
     "prompt_sets",
     "skill_dataset",
 ]

@@ -194,16 +194,18 @@ Batch = Sequence[Sequence[str]]
 
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions of `prompts` in one left-padded batch, with the KV cache; stops when all emit eos.
+    """Greedy completions of `prompts` in one left-padded batch, with the KV cache, on the model's device;
+    stops when all emit eos.
 
     Position ids count only real tokens, so a left-padded prompt is read
     exactly as the same prompt alone.
     """
-    ids, mask = TOKENIZER.batch_prompts(prompts)
+    device = next(model.parameters(), torch.empty(0)).device  # the CPU for a module without parameters
+    ids, mask = (t.to(device) for t in TOKENIZER.batch_prompts(prompts))
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     pos = pos[:, -1:]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens = []
     for step in range(max_new_tokens):
         tok = out.logits[:, -1].argmax(-1)

@@ -1,0 +1,86 @@
+"""The two baselines of the language-model merge that are not searches: each seed alone, and the best single SLERP weight.
+
+The paper's LLM comparison (docs/ALGORITHM.md, "Beyond the digits") puts every method at the
+same budget of evaluations; the brute-force SLERP spends it on an even grid of weights
+w in [0, 1] between the two seeds (w = 0 is the first seed), one angle over the whole
+parameter vector and no split point (M2N2's crossover with the split point off), and keeps
+the weight with the best mean training score (the first on ties). Its test accuracy is then
+reported, as for every method: the choice never sees a test prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from m2n2_lightning.evaluator import EvaluateFn, ModuleEvaluator, resource_batches
+from m2n2_lightning.lm.merge import AccuracyFn, AccuracyPoint, MergeResult
+from m2n2_lightning.lm.tasks import accuracy, exact_match
+from m2n2_lightning.params import FlatParams
+from m2n2_lightning.sources import SeedSource, seed_parameters
+from m2n2_lightning.strategies.base import check_positive_int
+from m2n2_lightning.strategies.operators import slerp
+
+#: Weights scored per evaluator call by the brute-force sweep.
+SWEEP_CHUNK = 10
+
+
+def seed_vector(model: nn.Module, flat: FlatParams, source: SeedSource, index: int = 0) -> Tensor:
+    """The flat parameter vector [D] of `source` in `model`'s layout (checked by `sources.seed_parameters`)."""
+    state = seed_parameters(model, source, index, flat.names)
+    return torch.cat([state[name].reshape(-1) for name in flat.names])
+
+
+def _result(model: nn.Module, resources: Dataset, tests: Mapping[str, Any], test_fn: AccuracyFn, done: int,
+            wall: float, settings: dict[str, Any]) -> MergeResult:
+    model.eval()
+    test = {name: float(test_fn(model, data)) for name, data in tests.items()}
+    return MergeResult(test=test, train=float(test_fn(model, resources)), forward_passes=done, wall_seconds=wall,
+                       test_points=[AccuracyPoint(done, wall, test)], settings=settings)
+
+
+@torch.no_grad()
+def seed_alone(source: SeedSource, model: nn.Module, resources: Dataset, tests: Mapping[str, Any],
+               test_fn: AccuracyFn = accuracy) -> MergeResult:
+    """One seed model, unmerged: loaded into `model` and tested (no evaluation of the budget spent)."""
+    flat = FlatParams(model)
+    flat.load_into(model, seed_vector(model, flat, source))
+    return _result(model, resources, tests, test_fn, 0, 0.0, {"seed_model": str(source)})
+
+
+@torch.no_grad()
+def slerp_sweep(
+    seeds: Sequence[SeedSource],
+    model: nn.Module,
+    resources: Dataset,
+    tests: Mapping[str, Any],
+    points: int,
+    score: EvaluateFn = exact_match,
+    test_fn: AccuracyFn = accuracy,
+    resource_batch_size: int = 200,
+) -> MergeResult:
+    """The best of `points` SLERP weights w = linspace(0, 1) between two seeds by mean training `score`;
+    `model` then holds that merge, and the result reports its test accuracies and the chosen w."""
+    check_positive_int("points", points, 2)
+    if isinstance(seeds, (str, bytes)) or len(seeds) != 2:
+        raise ValueError(f"the SLERP sweep merges exactly two seed models, got {seeds!r}")
+    start = time.perf_counter()
+    flat = FlatParams(model)
+    a, b = (seed_vector(model, flat, source, i).unsqueeze(0) for i, source in enumerate(seeds))
+    evaluator = ModuleEvaluator(model, flat, score, resource_batches(resources, 0, len(resources), resource_batch_size))
+    weights = torch.linspace(0, 1, points, dtype=a.dtype)
+    best, best_w, best_score = a[0], 0.0, -1.0
+    for chunk in weights.split(SWEEP_CHUNK):
+        candidates = slerp(a.expand(len(chunk), -1), b.expand(len(chunk), -1), chunk.unsqueeze(1))
+        means = evaluator(candidates).mean(dim=1)
+        top = int(means.argmax())
+        if float(means[top]) > best_score:
+            best, best_w, best_score = candidates[top].clone(), float(chunk[top]), float(means[top])
+    flat.load_into(model, best)
+    settings = {"points": points, "best_w": best_w, "best_train_score": best_score}
+    return _result(model, resources, tests, test_fn, points, time.perf_counter() - start, settings)
