@@ -114,9 +114,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      "the lm block of conf/experiment/lm_merge.yaml: change them with --override lm.<key>=...)")
     if args.forward_passes is None and args.setting != "lm_merge":
         args.forward_passes = 10_000
+    if not args.seeds:
+        parser.error("--seeds N runs seeds 0..N-1, so N must be >= 1; for seed 0 alone write --seeds 0,")
     if (args.forward_passes is not None and args.forward_passes < 1) or args.jobs < 1 or args.threads < 1 \
-            or args.eval_every < 0 or not args.seeds:
-        parser.error("--forward-passes, --jobs, --threads and --seeds must be positive, --eval-every >= 0")
+            or args.eval_every < 0:
+        parser.error("--forward-passes, --jobs and --threads must be positive, --eval-every >= 0")
     return args
 
 

@@ -106,6 +106,13 @@ def test_bad_arguments_exit(compare, tmp_path: Path) -> None:
         with pytest.raises(SystemExit):
             compare.main([*argv, "--out", str(tmp_path)])
     assert compare.parse_seeds("3") == [0, 1, 2] and compare.parse_seeds("4,7") == [4, 7]
+    assert compare.parse_seeds("0,") == [0]
+
+
+def test_zero_seeds_says_how_to_ask_for_seed_zero(compare, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        compare.main(["--seeds", "0", "--out", str(tmp_path)])
+    assert "for seed 0 alone write --seeds 0," in capsys.readouterr().err
 
 
 def test_ctrl_c_keeps_the_rows_of_the_stopped_run(compare, runs, tmp_path: Path, monkeypatch) -> None:
