@@ -1,4 +1,4 @@
-"""What a Lightning / Hydra user meets first: modules with dict outputs and batches, a configured Timer."""
+"""What a Lightning / Hydra user meets first: modules with dict outputs and batches, a configured Timer, an Optuna sweep."""
 
 from __future__ import annotations
 
@@ -69,3 +69,23 @@ def test_a_configured_timer_stops_the_run(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 < summary["forward_passes"] < 10_000_000 and summary["wall_seconds"] < 60
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_of_three_trials_returns_floats_and_reports_the_best(tmp_path) -> None:
+    """`hparams_search=m2n2_optuna`: main returns the optimized_metric as a float for each trial, and the
+    sweeper's best value is the highest best_train_acc among the three trials' summary.json files."""
+    import yaml
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=m2n2_optuna", "hydra.sweeper.n_trials=3",
+         "forward_passes=300", f"hydra.sweep.dir={tmp_path}", "trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/summary.json"))]
+    assert len(summaries) == 3
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(s["best_train_acc"] for s in summaries), abs=1e-12)
+    assert set(best["best_params"]) == {"strategy.pop_size", "strategy.alpha"}
