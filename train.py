@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (m2n2_lightning/threads.py)
 
-from m2n2_lightning.train import main  # noqa: E402
+from m2n2_lightning.train import main
 
 if __name__ == "__main__":
     main()

@@ -59,10 +59,19 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the compare_* modules beside this script
-from compare_lm import LM_METHODS, build_lm_specs, run_lm  # noqa: E402
-from compare_lm_outputs import read_curves, write_lm_outputs  # noqa: E402
-from compare_outputs import BRUTE_FORCE, read_csv, write_csv, write_outputs  # noqa: E402
-from compare_runs import EXPERIMENT, PRECISIONS, SCRATCH_ONLY, STRATEGY_METHODS, build_specs, quiet, run, run_all  # noqa: E402
+from compare_lm import LM_METHODS, build_lm_specs, run_lm
+from compare_lm_outputs import read_curves, write_lm_outputs
+from compare_outputs import BRUTE_FORCE, read_csv, write_csv, write_outputs
+from compare_runs import (
+    EXPERIMENT,
+    PRECISIONS,
+    SCRATCH_ONLY,
+    STRATEGY_METHODS,
+    build_specs,
+    quiet,
+    run,
+    run_all,
+)
 
 SETTINGS = ("scratch", "merge", "lm_merge")
 DEFAULT_METHODS = {"scratch": "m2n2,ga", "merge": "m2n2,ga", "lm_merge": ",".join(LM_METHODS)}

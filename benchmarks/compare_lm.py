@@ -18,10 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from compare_outputs import BRUTE_FORCE
 from compare_runs import compose_train_config
-from m2n2_lightning.lm.experiment import alone, brute_force, check_lm_config, load_experiment, search
+
+from m2n2_lightning.lm.experiment import (
+    alone,
+    brute_force,
+    check_lm_config,
+    load_experiment,
+    search,
+)
 from m2n2_lightning.lm.merge import quiet_trainer
 from m2n2_lightning.lm.train_lm import skill_mean
 

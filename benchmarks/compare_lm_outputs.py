@@ -16,6 +16,7 @@ from typing import Any
 
 from compare_lm import LM_LABELS
 from compare_outputs import curve, mean_and_error, runs_by_method, write_csv
+
 from m2n2_lightning.lm.merge import write_curve
 
 #: curves.png's panels: (curve key, axis label).

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compare_outputs import BRUTE_FORCE
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from compare_outputs import BRUTE_FORCE
 from m2n2_lightning.config import register_schema, steps_for
 from m2n2_lightning.engine import EvolutionEngine
 from m2n2_lightning.evaluator import Evaluator

@@ -15,6 +15,7 @@ from m2n2_lightning.strategies import (
 )
 
 __all__ = [
+    "MLP",
     "CMAESStrategy",
     "Evaluator",
     "EvolutionModule",
@@ -24,7 +25,6 @@ __all__ = [
     "M2N2Callback",
     "M2N2Strategy",
     "MAPElitesStrategy",
-    "MLP",
     "NotVmappableError",
     "Strategy",
     "population_forward",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -17,11 +17,11 @@ class RunSchema:
     log_every: int = 500
     val_every: int = 5000
     checkpoint_every: int = 5000
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     allow_resume_changes: bool = False
-    threads: Optional[int] = None
+    threads: int | None = None
     callbacks: Any = field(default_factory=dict)
-    optimized_metric: Optional[str] = None
+    optimized_metric: str | None = None
     module: Any = field(default_factory=dict)
     checkpoint: Any = field(default_factory=dict)
     data: Any = None

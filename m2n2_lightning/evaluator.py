@@ -3,8 +3,8 @@ or by user code with each candidate loaded into the module (`ModuleEvaluator`)."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def log_figure(loggers: Iterable[Logger], key: str, figure: "Figure", step: int) -> None:
+def log_figure(loggers: Iterable[Logger], key: str, figure: Figure, step: int) -> None:
     """Send a matplotlib `figure` under `key` (e.g. "niche/class_accuracy") to every logger that takes figures
     (MLflow: as the artifact `<key>.png`); the figure stays open, for the caller to close."""
     for logger in loggers:

@@ -10,7 +10,8 @@ all work. It holds no state of its own: everything lives in the strategy.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch

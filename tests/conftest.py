@@ -124,7 +124,7 @@ def digits() -> DigitsDataModule:
 # --- Strategy helpers shared by test_strategy.py, test_operators.py, test_speed_paths.py and test_map_elites.py ----
 # (`from conftest import start_with_scores, archive_holding, split_point_ratios_reference`)
 
-from m2n2_lightning.strategies.archive import Archive  # noqa: E402
+from m2n2_lightning.strategies.archive import Archive
 
 
 def start_with_scores(strategy, scores) -> Tensor:
@@ -163,8 +163,8 @@ def split_point_ratios_reference(weight: Tensor, split: Tensor | None, dim: int)
 
 
 # --- Operator-level references shared by test_operators.py and test_speed_paths.py ----------------------------------
-from m2n2_lightning.strategies import operators as _ops  # noqa: E402
-from m2n2_lightning.strategies.archive import Archive as _Archive  # noqa: E402
+from m2n2_lightning.strategies import operators as _ops
+from m2n2_lightning.strategies.archive import Archive as _Archive
 
 
 def split_point_ratios(weight: torch.Tensor, split: torch.Tensor | None, dim: int) -> torch.Tensor:

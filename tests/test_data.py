@@ -11,7 +11,12 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from m2n2_lightning.data import DataFileError, DigitsDataModule, MNISTDataModule, read_idx
+from m2n2_lightning.data import (
+    DataFileError,
+    DigitsDataModule,
+    MNISTDataModule,
+    read_idx,
+)
 from m2n2_lightning.data.idx import MissingDataFileError
 
 LABELS = "train-labels-idx1-ubyte"  # the smallest checksummed file: 60,008 bytes decompressed

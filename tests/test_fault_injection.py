@@ -18,7 +18,14 @@ import lightning as L
 import pytest
 import torch
 from conftest import Classifier, make_trainer
-from faults import assert_same_state, finish, start_script, start_train, strategy_state, wait_for
+from faults import (
+    assert_same_state,
+    finish,
+    start_script,
+    start_train,
+    strategy_state,
+    wait_for,
+)
 from hydra.utils import instantiate
 from interrupt_run import STEPS, STEPS_PER_BATCH
 from lightning.pytorch.callbacks import Callback

@@ -12,8 +12,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from m2n2_lightning import M2N2Callback, M2N2Strategy  # noqa: E402
-from m2n2_lightning.sources import save_merged  # noqa: E402
+from m2n2_lightning import M2N2Callback, M2N2Strategy
+from m2n2_lightning.sources import save_merged
 
 VOCAB = 12
 

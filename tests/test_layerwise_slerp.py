@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_trainer
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -17,12 +18,10 @@ from m2n2_lightning import LayerwiseSlerpStrategy, M2N2Callback
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.strategies.base import build_strategy, rolled_back_on_error
 
-from conftest import make_trainer
-
 pytest.importorskip("transformers")
-from test_hf_merge import PROMPTS, LanguageModule, generated_first_token, tiny_gpt2  # noqa: E402
-from test_sources import Wrapper, gpt2, llama  # noqa: E402
-from test_train import compose_config  # noqa: E402
+from test_hf_merge import PROMPTS, LanguageModule, generated_first_token, tiny_gpt2
+from test_sources import Wrapper, gpt2, llama
+from test_train import compose_config
 
 GPT2_LAYER = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
               "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",

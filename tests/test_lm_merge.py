@@ -21,9 +21,9 @@ from test_lm import TINY
 from transformers import AutoModelForCausalLM
 
 from m2n2_lightning import M2N2Callback, M2N2Strategy
+from m2n2_lightning.config import register_schema
 from m2n2_lightning.lm import seeds
 from m2n2_lightning.lm.baselines import seed_alone, slerp_sweep
-from m2n2_lightning.config import register_schema
 from m2n2_lightning.lm.experiment import check_lm_config, load_experiment, skill_labels
 from m2n2_lightning.lm.merge import merge_models
 from m2n2_lightning.lm.tasks import TOKENIZER, PromptDataset, prompt_sets

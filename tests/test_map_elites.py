@@ -10,7 +10,11 @@ import torch
 from m2n2_lightning import MLP, FlatParams, M2N2Strategy, MAPElitesStrategy
 from m2n2_lightning.data import DigitsDataModule
 from m2n2_lightning.engine import EvolutionEngine
-from m2n2_lightning.strategies.map_elites import cell_index, resource_labels, sample_elite_parents
+from m2n2_lightning.strategies.map_elites import (
+    cell_index,
+    resource_labels,
+    sample_elite_parents,
+)
 
 D = 6
 #: 10 resources: odd labels at positions 0-4, even labels at 5-9.

@@ -19,7 +19,15 @@ from functools import partial
 import pytest
 import torch
 from conftest import Classifier, make_trainer
-from faults import CHILD_ENV, assert_same_state, bad_checkpoint, finish, start_train, strategy_state, wait_for
+from faults import (
+    CHILD_ENV,
+    assert_same_state,
+    bad_checkpoint,
+    finish,
+    start_train,
+    strategy_state,
+    wait_for,
+)
 
 from m2n2_lightning import CMAESStrategy, M2N2Callback, M2N2Strategy
 from m2n2_lightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file

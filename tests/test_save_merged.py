@@ -16,11 +16,11 @@ from torch import nn
 from m2n2_lightning.sources import save_merged, seed_parameters
 
 pytest.importorskip("transformers")
-from test_sources import Wrapper, assert_params_equal, original  # noqa: E402, F401  (original: a module fixture)
-from transformers import AutoModelForCausalLM, GPT2LMHeadModel  # noqa: E402
+from test_sources import Wrapper, assert_params_equal, original  # noqa: F401  (original: a module fixture)
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 
-def test_save_merged_round_trip(original: GPT2LMHeadModel, tmp_path: Path) -> None:
+def test_save_merged_round_trip(original: GPT2LMHeadModel, tmp_path: Path) -> None:  # noqa: F811 (the fixture)
     for module in (original, Wrapper(original)):
         folder = save_merged(module, tmp_path / type(module).__name__)
         assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()

@@ -18,7 +18,13 @@ from torch import Tensor, nn
 from m2n2_lightning.sources import HUB_PATTERNS, seed_parameters
 
 transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 transformers.logging.set_verbosity_error()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import start_with_scores
 
-from m2n2_lightning import MLP, MAPElitesStrategy, M2N2Strategy, Strategy
+from m2n2_lightning import MLP, M2N2Strategy, MAPElitesStrategy, Strategy
 from m2n2_lightning.strategies import operators as ops
 
 D, N = 12, 9

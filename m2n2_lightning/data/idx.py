@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DataFileError", "MissingDataFileError", "MNIST_SHA256", "FIX_HINT", "read_idx"]
+__all__ = ["FIX_HINT", "MNIST_SHA256", "DataFileError", "MissingDataFileError", "read_idx"]
 
 #: SHA-256 of the decompressed content of the four MNIST files, by file name.
 MNIST_SHA256: dict[str, str] = {

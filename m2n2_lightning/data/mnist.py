@@ -11,7 +11,7 @@ import torch
 from m2n2_lightning.data.base import TensorDataModule, TensorPair, _check_count
 from m2n2_lightning.data.idx import DataFileError, MissingDataFileError, read_idx
 
-__all__ = ["MNISTDataModule", "MNIST_FILES", "MNIST_MIRRORS", "DATA_DIR_ENV"]
+__all__ = ["DATA_DIR_ENV", "MNIST_FILES", "MNIST_MIRRORS", "MNISTDataModule"]
 
 #: Environment variable naming the folder with the MNIST files (when ``data_dir`` is not given).
 DATA_DIR_ENV = "M2N2_DATA_DIR"

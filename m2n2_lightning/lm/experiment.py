@@ -22,7 +22,13 @@ from m2n2_lightning.evaluator import EvaluateFn
 from m2n2_lightning.lm.baselines import seed_alone, slerp_sweep
 from m2n2_lightning.lm.merge import MergeResult, merge_models, quiet_trainer
 from m2n2_lightning.lm.seeds import build_seeds, default_cache, preset
-from m2n2_lightning.lm.tasks import SKILLS, PromptDataset, char_fraction, exact_match, skill_dataset
+from m2n2_lightning.lm.tasks import (
+    SKILLS,
+    PromptDataset,
+    char_fraction,
+    exact_match,
+    skill_dataset,
+)
 
 #: `lm.score`: the per-prompt score of a candidate (exact match, or the fraction of answer characters right).
 SCORES: dict[str, EvaluateFn] = {"exact_match": exact_match, "char_fraction": char_fraction}

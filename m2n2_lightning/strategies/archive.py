@@ -207,7 +207,7 @@ class HostArchive(Archive):
     def rows(self, index: Tensor) -> Tensor:
         return self.members.index_select(0, index.cpu()).to(self.scores.device)
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HostArchive":
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> HostArchive:
         members = self.members
         self._buffers["members"] = None  # skipped by Module._apply
         try:

@@ -162,7 +162,7 @@ class Strategy(nn.Module):
             generator.manual_seed(int.from_bytes(bytes(state[:8].tolist()), "little") ^ self.seed)
         return generator
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "Strategy":
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Strategy:
         old = self._generator
         super()._apply(fn, *args, **kwargs)
         if old is not None and old.device.type != self.device.type:

@@ -46,12 +46,12 @@ class Chromosomes:
         return 2 * len(self.groups)
 
     @classmethod
-    def whole(cls, num_params: int) -> "Chromosomes":
+    def whole(cls, num_params: int) -> Chromosomes:
         """One group: every parameter."""
         return cls((((0, num_params),),))
 
     @classmethod
-    def from_patterns(cls, layout: Sequence[tuple[str, int]], patterns: Sequence[str]) -> "Chromosomes":
+    def from_patterns(cls, layout: Sequence[tuple[str, int]], patterns: Sequence[str]) -> Chromosomes:
         """Group g holds the parameters whose name matches `patterns[g]` (fnmatch, e.g. "*attn*");
         a last group holds the rest, if any. `layout` is (name, numel) in vector order.
 

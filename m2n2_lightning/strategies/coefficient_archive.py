@@ -276,7 +276,7 @@ class CoefficientArchive(nn.Module):
         """The seeds [K, D] cast from the given vectors, as the dense archive casts its initial members."""
         return torch.stack([seed.to(device, dtype) for seed in self._sources])
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "CoefficientArchive":
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> CoefficientArchive:
         # The Grams are of the seeds as held: a new dtype or device computes them again.
         self._grams.clear()
         self._scratch = None

@@ -30,7 +30,11 @@ from m2n2_lightning.params import flat_vector
 from m2n2_lightning.strategies import cmaes_parameters as cp
 from m2n2_lightning.strategies.base import ScoreCandidates, Strategy, check_positive_int
 from m2n2_lightning.strategies.cmaes import CMAESStrategy
-from m2n2_lightning.strategies.layer_groups import group_gram, group_parameters, segments_of
+from m2n2_lightning.strategies.layer_groups import (
+    group_gram,
+    group_parameters,
+    segments_of,
+)
 from m2n2_lightning.strategies.operators import slerp_weights
 
 #: Relative difference of the seeds' per-group Gram entries above which a resume is refused.
