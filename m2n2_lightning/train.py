@@ -78,7 +78,6 @@ def main(cfg: DictConfig) -> dict | float:
         max_steps=max_steps,
         log_every_n_steps=every(cfg.log_every, per_step),
         val_check_interval=every(cfg.val_every, per_step),
-        **({} if getattr(datamodule, "val_size", 1) else {"limit_val_batches": 0}),
         logger=instantiate(cfg.logger),
         callbacks=[checkpoints, interrupted, *progress_bar, *user_callbacks],
     )
