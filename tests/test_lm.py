@@ -123,3 +123,16 @@ def test_reduced_preset_builds(tmp_path: Path) -> None:
     record = seeds.build_seeds(tmp_path, seeds.preset(reduced=True))
     assert set(record["accuracy"]) == set(seeds.SEED_NAMES)
     assert set(seeds.load_seeds(tmp_path)) == set(seeds.SEED_NAMES)
+
+
+@pytest.mark.parametrize(("target", "max_rounds", "expected_rounds"), [(0.0, 3, 1), (1.01, 3, 3)])
+def test_fine_tune_runs_rounds_until_its_target(
+    target: float, max_rounds: int, expected_rounds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(seeds, "train", lambda model, mix, steps, lr, batch, seed: calls.append(seed))
+    settings = replace(TINY, ft_target=target, ft_max_rounds=max_rounds)
+    base = seeds.make_model(TINY).eval()
+    model, rounds, reached = seeds.fine_tune(base, SKILLS["add"], settings, seed=7)
+    assert rounds == expected_rounds and calls == [7 + 1000 * r for r in range(expected_rounds)]
+    assert model is not base and reached == seeds.accuracy(model, prompt_sets(SKILLS["add"])[0])

@@ -63,12 +63,14 @@ class SeedSettings:
     base_lr: float = 3e-3
     ft_steps: int = 400
     ft_lr: float = 3e-4
+    ft_target: float = 0.9
+    ft_max_rounds: int = 5
     batch_size: int = 64
 
 
 PRESETS = {
     "full": SeedSettings(),
-    "reduced": SeedSettings(base_steps=500, ft_steps=50),
+    "reduced": SeedSettings(base_steps=500, ft_steps=50, ft_max_rounds=1),
 }
 
 
@@ -141,8 +143,29 @@ def _settings_json(settings: SeedSettings) -> dict:
     return json.loads(json.dumps({**asdict(settings), "skills": skills}))
 
 
-def train_seeds(settings: SeedSettings) -> dict[str, torch.nn.Module]:
-    """Pre-train the base, then fine-tune a copy of it on each skill; keyed by SEED_NAMES.
+def fine_tune(base: torch.nn.Module, skill: Skill, settings: SeedSettings, seed: int) -> tuple[torch.nn.Module, int, float]:
+    """A copy of `base` fine-tuned on `skill` in rounds of `ft_steps` until it reaches `ft_target`.
+
+    The stop is measured on the skill's training prompts (the merge's
+    resources, which no seed model trains on), never on its test prompts.
+    One fixed number of steps is not enough: the point where a gentle
+    fine-tune tips the base from echoing to answering moves with the base
+    (and with the machine's floating-point order), so a fixed count gave
+    0.24-0.99 on the same skill across seeds. Returns the model, the rounds
+    run and the final training-prompt accuracy.
+    """
+    model = copy.deepcopy(base)
+    train_pairs = prompt_sets(skill)[0]
+    for rounds in range(1, settings.ft_max_rounds + 1):
+        train(model, ((skill, 1.0),), settings.ft_steps, settings.ft_lr, settings.batch_size, seed + 1000 * (rounds - 1))
+        reached = accuracy(model, train_pairs)
+        if reached >= settings.ft_target:
+            break
+    return model, rounds, reached
+
+
+def train_seeds(settings: SeedSettings) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
+    """Pre-train the base, then fine-tune it on each skill; the models keyed by SEED_NAMES and each fine-tune's rounds.
 
     Runs on one thread (restored afterwards): the build is bit-for-bit
     reproducible only with a fixed thread count.
@@ -152,14 +175,13 @@ def train_seeds(settings: SeedSettings) -> dict[str, torch.nn.Module]:
     try:
         base = make_model(settings)
         train(base, settings.base_mix, settings.base_steps, settings.base_lr, settings.batch_size, settings.seed)
-        models = {"base": base}
+        models, rounds = {"base": base}, {}
         for index, (name, skill) in enumerate(zip(SEED_NAMES[1:], (SKILL_A, SKILL_B))):
-            models[name] = copy.deepcopy(base)
-            steps, lr = settings.ft_steps, settings.ft_lr
-            train(models[name], ((skill, 1.0),), steps, lr, settings.batch_size, settings.seed + 1 + index)
+            models[name], n, reached = fine_tune(base, skill, settings, settings.seed + 1 + index)
+            rounds[name] = {"rounds": n, "train_accuracy": reached}
     finally:
         torch.set_num_threads(threads)
-    return models
+    return models, rounds
 
 
 def build_seeds(out: str | Path, settings: SeedSettings) -> dict:
@@ -178,7 +200,7 @@ def build_seeds(out: str | Path, settings: SeedSettings) -> dict:
             return record
     record_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    models = train_seeds(settings)
+    models, rounds = train_seeds(settings)
     build_s = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     for name, model in models.items():
@@ -187,6 +209,7 @@ def build_seeds(out: str | Path, settings: SeedSettings) -> dict:
         "settings": _settings_json(settings),
         "accuracy": {name: measure(model) for name, model in models.items()},
         "task_vector_ratio": {name: task_vector_ratio(models[name], models["base"]) for name in SEED_NAMES[1:]},
+        "fine_tune": rounds,
         "build_seconds": build_s,
     }
     record_path.write_text(json.dumps(record, indent=2))
