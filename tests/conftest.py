@@ -122,8 +122,9 @@ def digits() -> DigitsDataModule:
 
 
 # --- Strategy helpers shared by test_strategy.py, test_operators.py, test_speed_paths.py and test_map_elites.py ----
-# (`from conftest import start_with_scores, archive_holding, split_point_ratios_reference`)
+# (`from conftest import start_with_scores, archive_of, split_point_ratios_reference`)
 
+from m2n2_lightning.strategies import operators as _ops
 from m2n2_lightning.strategies.archive import Archive
 
 
@@ -141,14 +142,14 @@ def start_with_scores(strategy, scores) -> Tensor:
     return seen[0]
 
 
-def archive_holding(members: Tensor, scores: Tensor | None = None, occupied: Tensor | None = None) -> Archive:
-    """An `Archive` with capacity len(members) holding `members` [P, D] (their dtype), `scores` [P, N] (which fixes N)
-    and `occupied` [P] (default: every slot)."""
+def archive_of(members: Tensor, scores: Tensor | None = None, occupied: Tensor | None = None) -> Archive:
+    """An `Archive` whose buffers ARE the given tensors (writes show in them)."""
     archive = Archive(len(members), members.shape[1], dtype=members.dtype)
-    archive.members.copy_(members)
+    archive.members = members
     if scores is not None:
-        archive.scores = scores.clone()
-    archive.occupied.copy_(torch.ones(len(members), dtype=torch.bool) if occupied is None else occupied)
+        archive.scores = scores
+    if occupied is not None:
+        archive.occupied = occupied
     return archive
 
 
@@ -160,30 +161,6 @@ def split_point_ratios_reference(weight: Tensor, split: Tensor | None, dim: int)
         return weight
     before = torch.arange(dim, device=weight.device) < split.unsqueeze(-1)
     return torch.where(before, weight, 1 - weight)
-
-
-# --- Operator-level references shared by test_operators.py and test_speed_paths.py ----------------------------------
-from m2n2_lightning.strategies import operators as _ops
-from m2n2_lightning.strategies.archive import Archive as _Archive
-
-
-def split_point_ratios(weight: torch.Tensor, split: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """The entry-by-entry ratios t [k, D] of the definition: w before the split point, 1 - w from it on."""
-    weight = weight.unsqueeze(-1)
-    if split is None:
-        return weight
-    return torch.where(torch.arange(dim) < split.unsqueeze(-1), weight, 1 - weight)
-
-
-def archive_of(members: torch.Tensor, scores: torch.Tensor | None = None, occupied: torch.Tensor | None = None) -> _Archive:
-    """An `Archive` whose buffers ARE the given tensors (writes show in them)."""
-    archive = _Archive(len(members), members.shape[1], dtype=members.dtype)
-    archive.members = members
-    if scores is not None:
-        archive.scores = scores
-    if occupied is not None:
-        archive.occupied = occupied
-    return archive
 
 
 def crossover(a: torch.Tensor, b: torch.Tensor, generator: torch.Generator, use_split_point: bool = True) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import crossover, replace_worst, split_point_ratios
+from conftest import crossover, replace_worst, split_point_ratios_reference
 
 from m2n2_lightning.strategies import operators as ops
 
@@ -171,16 +171,16 @@ def test_split_point_slerp_matches_definition(split: int) -> None:
     a, b = rng.normal(size=7), rng.normal(size=7)
     w = 0.3
     t_ref = np.array([w if d < split else 1 - w for d in range(7)])
-    t = split_point_ratios(torch.tensor([w], dtype=torch.float64), torch.tensor([split]), 7)
+    t = split_point_ratios_reference(torch.tensor([w], dtype=torch.float64), torch.tensor([split]), 7)
     np.testing.assert_array_equal(t[0].numpy(), t_ref)
     child = ops.slerp(torch.tensor(a)[None], torch.tensor(b)[None], t)
     np.testing.assert_allclose(child[0].numpy(), slerp_reference(a, b, t_ref), rtol=1e-12, atol=1e-14)
 
 
 def test_split_point_zero_uses_one_minus_w_everywhere() -> None:
-    t = split_point_ratios(torch.tensor([0.2], dtype=torch.float64), torch.tensor([0]), 5)
+    t = split_point_ratios_reference(torch.tensor([0.2], dtype=torch.float64), torch.tensor([0]), 5)
     assert torch.all(t == 0.8)
-    t = split_point_ratios(torch.tensor([0.2], dtype=torch.float64), torch.tensor([4]), 5)
+    t = split_point_ratios_reference(torch.tensor([0.2], dtype=torch.float64), torch.tensor([4]), 5)
     assert t[0].tolist() == [0.2, 0.2, 0.2, 0.2, 0.8]
 
 
@@ -195,7 +195,7 @@ def test_slerp_linear_fallback_for_parallel_parents() -> None:
 def test_slerp_without_split_point_is_plain_slerp() -> None:
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=9), rng.normal(size=9)
-    t = split_point_ratios(torch.tensor([0.6], dtype=torch.float64), None, 9)
+    t = split_point_ratios_reference(torch.tensor([0.6], dtype=torch.float64), None, 9)
     child = ops.slerp(torch.tensor(a)[None], torch.tensor(b)[None], t)
     np.testing.assert_allclose(child[0].numpy(), slerp_reference(a, b, np.full(9, 0.6)), rtol=1e-12)
 

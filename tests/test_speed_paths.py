@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import archive_of, split_point_ratios
+from conftest import archive_of, split_point_ratios_reference
 
 from m2n2_lightning import M2N2Strategy
 from m2n2_lightning.strategies import operators as ops
@@ -93,7 +93,7 @@ def test_crossover_two_value_weights_equal_per_entry_slerp_float64() -> None:
         g = torch.Generator().manual_seed(4)
         split = torch.randint(0, 50, (6,), generator=g) if use_split_point else None
         w = torch.rand(6, generator=g, dtype=torch.float64)
-        expected = ops.slerp(a, b, split_point_ratios(w, split, 50))
+        expected = ops.slerp(a, b, split_point_ratios_reference(w, split, 50))
         torch.testing.assert_close(child, expected, rtol=1e-13, atol=1e-15)
 
 
@@ -172,7 +172,7 @@ def test_archive_crossover_by_slices_equals_by_mask_bitwise(monkeypatch, dtype: 
     assert used == ["combine_by_slices", "combine_by_mask"]  # each path ran once
     assert torch.equal(on_host, on_device)
     # and both are the per-entry SLERP of the definition
-    expected = ops.slerp(members[first], members[second], split_point_ratios(weight[:, 0], split, 1000))
+    expected = ops.slerp(members[first], members[second], split_point_ratios_reference(weight[:, 0], split, 1000))
     torch.testing.assert_close(on_host, expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
 
 
