@@ -136,3 +136,9 @@ def test_fine_tune_runs_rounds_until_its_target(
     model, rounds, reached = seeds.fine_tune(base, SKILLS["add"], settings, seed=7)
     assert rounds == expected_rounds and calls == [7 + 1000 * r for r in range(expected_rounds)]
     assert model is not base and reached == seeds.accuracy(model, prompt_sets(SKILLS["add"])[0])
+
+
+def test_a_fine_tune_short_of_its_target_warns(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"skill_a \(seed 0\) reached 0\.\d\d .* after 2 rounds of 3 steps"):
+        record = seeds.build_seeds(tmp_path, replace(TINY, ft_target=1.01, ft_max_rounds=2))
+    assert record["fine_tune"]["skill_a"]["rounds"] == 2 and record["fine_tune"]["skill_b"]["rounds"] == 2
