@@ -253,12 +253,16 @@ def seed_models(reduced: bool = False, seed: int = 0, out: str | Path | None = N
 
 
 def format_table(record: dict) -> str:
-    """The accuracies as a markdown table: one row per model, one column per skill's test set."""
+    """The accuracies as a markdown table: one row per model, one column per skill's test set, then each
+    fine-tune's task-vector ratio and rounds."""
     names = list(SKILLS)
-    lines = ["| model | " + " | ".join(names) + " | task vector / base |", "|---" * (len(names) + 2) + "|"]
+    header = "| model | " + " | ".join(names) + " | task vector / base | fine-tune rounds |"
+    lines = [header, "|---" * (len(names) + 3) + "|"]
     for model, accs in record["accuracy"].items():
         ratio = record["task_vector_ratio"].get(model)
-        cells = [f"{accs[n]:.3f}" for n in names] + [f"{ratio:.4f}" if ratio is not None else "-"]
+        rounds = record.get("fine_tune", {}).get(model, {}).get("rounds")
+        cells = [f"{accs[n]:.3f}" for n in names]
+        cells += [f"{ratio:.4f}" if ratio is not None else "-", str(rounds) if rounds is not None else "-"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
