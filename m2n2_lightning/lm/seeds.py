@@ -188,7 +188,7 @@ def train_seeds(settings: SeedSettings) -> tuple[dict[str, torch.nn.Module], dic
             if reached < settings.ft_target:
                 warnings.warn(
                     f"{name} (seed {settings.seed}) reached {reached:.2f} exact match on its training prompts after "
-                    f"{n} rounds of {settings.ft_steps} steps, short of ft_target={settings.ft_target}: this base "
+                    f"{n} round{'s' if n > 1 else ''} of {settings.ft_steps} steps, short of ft_target={settings.ft_target}: this base "
                     "holds too little of the skill for a gentle fine-tune; build another --seed",
                     stacklevel=2,
                 )
