@@ -46,7 +46,7 @@ from m2n2_lightning.optimizer import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.resume import ResumeRecord, resource_hash, run_fingerprint
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
-from m2n2_lightning.sources import SeedSource, seed_parameters
+from m2n2_lightning.merging.seeds import SeedSource, seed_parameters
 from m2n2_lightning.stopping import StopOnSignal, check_labels
 from m2n2_lightning.strategies import M2N2Strategy
 from m2n2_lightning.strategies.base import (
@@ -69,7 +69,7 @@ class M2N2Callback(Callback):
         init_from: two or more seed models to merge: Lightning `.ckpt` files,
             `torch.save(state_dict)` files, `.safetensors` files or sharded
             indexes, Hugging Face directories or hub ids, or modules
-            (`m2n2_lightning.sources`). A seed that does not match the module
+            (`m2n2_lightning.merging.seeds`). A seed that does not match the module
             is a ValueError naming the tensors and the source, in `setup`.
         score_fn: per-example scores of the vectorised forward pass: a name from
             `m2n2_lightning.scoring` (default "correctness", the paper's) or a

@@ -13,7 +13,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from m2n2_lightning import M2N2Callback, M2N2Strategy
-from m2n2_lightning.sources import save_merged
+from m2n2_lightning.merging.output import save_merged
 
 VOCAB = 12
 

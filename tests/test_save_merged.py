@@ -1,4 +1,4 @@
-"""Merges written back (m2n2_lightning.sources.save_merged): a Hugging Face folder that from_pretrained loads, a
+"""Merges written back (m2n2_lightning.merging.seeds.save_merged): a Hugging Face folder that from_pretrained loads, a
 plain module with tied tensors, and sources.py working without transformers installed."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from m2n2_lightning.sources import save_merged, seed_parameters
+from m2n2_lightning.merging.output import save_merged
+from m2n2_lightning.merging.seeds import seed_parameters
 
 pytest.importorskip("transformers")
 from test_sources import Wrapper, assert_params_equal, original  # noqa: F401  (original: a module fixture)
@@ -38,15 +39,20 @@ def test_save_merged_round_trip(original: GPT2LMHeadModel, tmp_path: Path) -> No
                                         names=["0.weight", "1.bias"]), tied)
 
 
+MERGING = Path(__file__).resolve().parents[1] / "m2n2_lightning" / "merging"
+
+
 def test_importable_without_transformers() -> None:
-    """sources.py alone, with transformers and huggingface_hub unimportable, saves a plain module."""
-    path = Path(__file__).resolve().parents[1] / "m2n2_lightning" / "sources.py"
+    """merging.seeds and merging.output, with transformers and huggingface_hub unimportable, save a plain module."""
     code = (
-        "import sys, importlib.util, tempfile, torch\n"
+        "import sys, tempfile, torch\n"
         "sys.modules['transformers'] = None; sys.modules['huggingface_hub'] = None\n"
-        f"spec = importlib.util.spec_from_file_location('sources', {str(path)!r})\n"
-        "s = importlib.util.module_from_spec(spec); spec.loader.exec_module(s)\n"
-        "d = s.save_merged(torch.nn.Linear(2, 2), tempfile.mkdtemp()); print((d / 'model.safetensors').is_file())\n"
+        "import importlib.util\n"
+        "def load(name):\n"
+        f"    spec = importlib.util.spec_from_file_location(name, {str(MERGING)!r} + '/' + name + '.py')\n"
+        "    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); return module\n"
+        "o, s = load('output'), load('seeds')\n"
+        "d = o.save_merged(torch.nn.Linear(2, 2), tempfile.mkdtemp()); print((d / 'model.safetensors').is_file())\n"
         "try: s.seed_parameters(torch.nn.Linear(2, 2), 'someone/model')\n"
         "except ValueError as e: print('pip install' in str(e))"
     )

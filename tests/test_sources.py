@@ -1,5 +1,5 @@
 """Seeds for merging read from every place real models live, and bad or foreign ones refused
-(m2n2_lightning.sources.seed_parameters); merges written back: test_save_merged.py."""
+(m2n2_lightning.merging.seeds.seed_parameters); merges written back: test_save_merged.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_model
 from torch import Tensor, nn
 
-from m2n2_lightning.sources import HUB_PATTERNS, seed_parameters
+from m2n2_lightning.merging.seeds import HUB_PATTERNS, seed_parameters
 
 transformers = pytest.importorskip("transformers")
 from transformers import (

@@ -28,7 +28,7 @@ from m2n2_lightning.callback import M2N2Callback
 from m2n2_lightning.evaluator import EvaluateFn
 from m2n2_lightning.lm.tasks import accuracy, exact_match
 from m2n2_lightning.metrics import niche_occupancy
-from m2n2_lightning.sources import SeedSource
+from m2n2_lightning.merging.seeds import SeedSource
 from m2n2_lightning.strategies.base import StrategySpec, check_positive_int
 
 #: `test_fn(model, dataset) -> accuracy`, e.g. `tasks.accuracy` (mean exact match).
@@ -197,7 +197,7 @@ def merge_models(
         strategy: a strategy factory (called with D, the seeds as `init_models` and the layout), e.g.
             `functools.partial(M2N2Strategy, pop_size=15, warmup_steps=50, storage="coefficients")`.
         seeds: two or more seed models of `model`'s architecture: `save_pretrained` directories, hub ids,
-            files or modules (`m2n2_lightning.sources`).
+            files or modules (`m2n2_lightning.merging.seeds`).
         model: the `transformers` model that holds each candidate while it is scored (e.g. the base).
         resources: the fixed-order training prompts every candidate is scored on.
         tests: named test sets, each scored by `test_fn(model, data)` at the start and the end of the search.

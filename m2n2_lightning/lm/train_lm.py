@@ -25,7 +25,7 @@ from m2n2_lightning.lm.experiment import load_experiment, search
 from m2n2_lightning.lm.merge import MergeResult, write_curve
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.progress import EvolutionProgressBar
-from m2n2_lightning.sources import save_merged
+from m2n2_lightning.merging.output import save_merged
 from m2n2_lightning.threads import auto_threads
 
 log = logging.getLogger("m2n2_lightning.train")

@@ -1,0 +1,1 @@
+"""Merging pre-trained models: seeds read lazily (`seeds`), the merge written out (`output`)."""
