@@ -1,0 +1,94 @@
+"""Members as mixtures of the seed models: the form of a member and the one function that writes its values.
+
+When K seed models are merged without mutation, every child of a SLERP is
+c_a a + c_b b, so every member is, coordinate by coordinate, sum_k C[s, k]
+seed_k, with a coefficient row C[s] that is constant on each segment s
+between breakpoints (docs/ALGORITHM.md, "Crossover"). Its *form* is
+`(cuts, table)`: breakpoints int64 [B], strictly increasing in (0, D), and
+coefficients float64 [B + 1, K] (row s holds segment s's).
+
+`write_form` is the only place that turns a form into values. The coefficient
+archive (children written into a module's parameters, or dense rows), the
+recipe of a saved merge and its rebuild all call it, on any ranges they like:
+the arithmetic of one coordinate never depends on the range or the chunk it
+is written in, so every path gives the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+#: A member: breakpoints int64 [B] and coefficient table float64 [B + 1, K], on the host.
+Form = tuple[Tensor, Tensor]
+#: Coordinates mixed at a time (bounds the float32 temporaries: 2 x 4 MiB).
+MIX_CHUNK = 1 << 20
+
+
+def unit_form(k: int, num_seeds: int) -> Form:
+    """Seed k as a form: no breakpoint, the unit row e_k."""
+    return torch.zeros(0, dtype=torch.long), torch.eye(num_seeds, dtype=torch.float64)[k : k + 1]
+
+
+def merge_equal_rows(cuts: Tensor, table: Tensor) -> Form:
+    """The same member with the breakpoints between equal rows removed (the shortest form)."""
+    keep = torch.cat([torch.ones(1, dtype=torch.bool), (table[1:] != table[:-1]).any(dim=1)])
+    return cuts[keep[1:]], table[keep]
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 where any tensor is float64, else float32 (bf16 / fp16 seeds are mixed in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def mix(parts: Sequence[Tensor], coefficients: Sequence[float], out: Tensor) -> Tensor:
+    """out = sum_k coefficients[k] parts[k], each coordinate computed alone, in `compute_dtype`.
+
+    Every part is converted, multiplied by its coefficient and added in that
+    order (no fused multiply-add), then rounded once to `out`'s dtype; parts
+    with coefficient 0 are skipped (a seed's own row is an exact copy). The
+    result does not depend on how a range is cut into calls.
+    """
+    used = [(part, float(c)) for part, c in zip(parts, coefficients) if c != 0]
+    if not used:
+        return out.zero_()
+    if len(used) == 1 and used[0][1] == 1.0:
+        return out.copy_(used[0][0])
+    dtype = compute_dtype(out, *(part for part, _ in used))
+    size = min(out.numel(), MIX_CHUNK)
+    total = torch.empty(size, dtype=dtype, device=out.device)
+    term = torch.empty(size, dtype=dtype, device=out.device)
+    flat_out = out.view(-1)
+    for start in range(0, flat_out.numel(), MIX_CHUNK):
+        stop = min(start + MIX_CHUNK, flat_out.numel())
+        acc, scratch = total[: stop - start], term[: stop - start]
+        for i, (part, c) in enumerate(used):
+            target = acc if i == 0 else scratch
+            target.copy_(part.view(-1)[start:stop]).mul_(c)
+            if i:
+                acc.add_(scratch)
+        flat_out[start:stop].copy_(acc)
+    return out
+
+
+def write_form(seeds: Sequence[Tensor], form: Form, start: int, stop: int, out: Tensor, offset: int = 0) -> Tensor:
+    """Coordinates [start, stop) of the member `form` into `out` (stop - start elements, any shape and dtype).
+
+    `seeds[k]` holds coordinates [offset, offset + len) of seed k (flat views:
+    the whole [D] vectors with offset 0, or one parameter's tensors with its
+    offset in the flat vector). Segments of the form are cut at the range's ends.
+    """
+    cuts, table = form
+    flat_out = out.view(-1)
+    if flat_out.numel() != stop - start:
+        raise ValueError(f"out holds {flat_out.numel()} values for the range [{start}, {stop})")
+    first = int(torch.searchsorted(cuts, torch.tensor(start, dtype=torch.long), right=True))
+    last = int(torch.searchsorted(cuts, torch.tensor(max(start, stop - 1), dtype=torch.long), right=True))
+    bounds = [start, *cuts[first:last].tolist(), stop]
+    rows = table[first : last + 1].tolist()
+    for begin, end, coefficients in zip(bounds, bounds[1:], rows):
+        parts = [seed.view(-1)[begin - offset : end - offset] for seed in seeds]
+        mix(parts, coefficients, flat_out[begin - start : end - start])
+    return out
