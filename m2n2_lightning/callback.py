@@ -47,14 +47,14 @@ from m2n2_lightning.params import FlatParams
 from m2n2_lightning.resume import ResumeRecord, resource_hash, run_fingerprint
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
 from m2n2_lightning.merging.seeds import SeedSource, seed_parameters
-from m2n2_lightning.stopping import StopOnSignal, check_labels
+from m2n2_lightning.stopping import StopOnSignal
 from m2n2_lightning.strategies import M2N2Strategy
 from m2n2_lightning.strategies.base import (
     Strategy,
     StrategySpec,
     build_strategy,
-    check_positive_int,
 )
+from m2n2_lightning.checks import check_labels, check_positive_int
 from m2n2_lightning.takeover import OptimizationTakeover
 
 

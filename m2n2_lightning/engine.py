@@ -36,9 +36,9 @@ from m2n2_lightning.params import FlatParams
 from m2n2_lightning.scoring import ScoreFn, get_score_fn, targets_of
 from m2n2_lightning.strategies.base import (
     Strategy,
-    check_positive_int,
     rolled_back_on_error,
 )
+from m2n2_lightning.checks import check_positive_int
 
 
 def collect_resources(batches: Iterable[Any], max_examples: int | None = None) -> tuple[Any, Tensor]:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from m2n2_lightning.checks import check_positive_int
 from m2n2_lightning.params import FlatParams, population_forward
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
 
@@ -40,8 +41,8 @@ class Evaluator:
         flat: FlatParams | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size, 1)
         count = len(next(iter(inputs.values()))) if isinstance(inputs, Mapping) else len(inputs)
         if count != len(targets):
             raise ValueError(f"{count} inputs but {len(targets)} targets")

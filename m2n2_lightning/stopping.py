@@ -1,12 +1,10 @@
-"""Stopping cleanly: signals turned into a stop at the next evolution-step boundary, and early input checks."""
+"""Stopping cleanly: signals turned into a stop at the next evolution-step boundary."""
 
 from __future__ import annotations
 
 import signal
 import threading
 from typing import Any
-
-from torch import Tensor
 
 #: The signals that stop a run at a step boundary.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -80,15 +78,3 @@ class StopOnSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
-
-
-def check_labels(targets: Tensor, num_classes: int | None) -> None:
-    """ValueError, before any step, when integer labels fall outside [0, num_classes)."""
-    if num_classes is None or targets.is_floating_point() or targets.numel() == 0:
-        return
-    low, high = int(targets.min()), int(targets.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"resource labels must lie in [0, {num_classes}) (the data's num_classes), got labels in [{low}, {high}]; "
-            "check the data or its num_classes"
-        )

@@ -186,7 +186,7 @@ def test_score_function_returning_a_float_says_what_to_return() -> None:
 
 
 def test_labels_out_of_range_fail_before_any_step(tmp_path) -> None:
-    from m2n2_lightning.stopping import check_labels
+    from m2n2_lightning.checks import check_labels
 
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\).*\[0, 12\]"):
         check_labels(torch.tensor([0, 3, 12]), 10)

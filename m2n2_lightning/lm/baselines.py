@@ -23,7 +23,7 @@ from m2n2_lightning.lm.merge import AccuracyFn, AccuracyPoint, MergeResult
 from m2n2_lightning.lm.tasks import accuracy, exact_match
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.merging.seeds import SeedSource, seed_parameters
-from m2n2_lightning.strategies.base import check_positive_int
+from m2n2_lightning.checks import check_positive_int
 from m2n2_lightning.strategies.operators import slerp
 
 #: Weights scored per evaluator call by the brute-force sweep.

@@ -29,7 +29,8 @@ from m2n2_lightning.evaluator import EvaluateFn
 from m2n2_lightning.lm.tasks import accuracy, exact_match
 from m2n2_lightning.metrics import niche_occupancy
 from m2n2_lightning.merging.seeds import SeedSource
-from m2n2_lightning.strategies.base import StrategySpec, check_positive_int
+from m2n2_lightning.strategies.base import StrategySpec
+from m2n2_lightning.checks import check_positive_int
 
 #: `test_fn(model, dataset) -> accuracy`, e.g. `tasks.accuracy` (mean exact match).
 AccuracyFn = Callable[[nn.Module, Any], float]

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from m2n2_lightning.checks import check_positive_int
+
 #: What scores candidates for `Strategy.start`: candidates [m, D] -> scores [m, N].
 ScoreCandidates = Callable[[Tensor], Tensor]
 
@@ -49,20 +51,6 @@ def describe_bad_scores(scores: Tensor) -> str:
         rows = nan.any(dim=1).nonzero().flatten().tolist()
         return f"scores contain NaN (candidates {rows}); check the model and the score function"
     return f"scores must lie in [0, 1], got values in [{scores.min().item()}, {scores.max().item()}]"
-
-
-def check_positive_int(name: str, value: Any, minimum: int) -> int:
-    """`value` if it is an integer >= `minimum`, else a ValueError naming `name`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_non_negative(name: str, value: Any) -> float:
-    """`value` as a float if it is a finite number >= 0, else a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 class Strategy(nn.Module):

@@ -25,9 +25,8 @@ from m2n2_lightning.strategies import cmaes_parameters as cp
 from m2n2_lightning.strategies.base import (
     ScoreCandidates,
     Strategy,
-    check_non_negative,
-    check_positive_int,
 )
+from m2n2_lightning.checks import check_non_negative, check_positive_int
 
 #: D above which `diagonal="auto"` is separable (a full C would not fit in memory).
 AUTO_DIAGONAL_ABOVE = cp.AUTO_DIAGONAL_ABOVE

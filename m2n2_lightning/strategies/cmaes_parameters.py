@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from m2n2_lightning.strategies.base import check_non_negative
+from m2n2_lightning.checks import check_non_negative
 
 #: `diagonal="auto"` uses separable CMA-ES above this D. A full covariance
 #: holds about three [D, D] float64 matrices (C, its eigenvectors B and the

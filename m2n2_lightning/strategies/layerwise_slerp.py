@@ -28,7 +28,8 @@ from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from m2n2_lightning.params import flat_vector
 from m2n2_lightning.strategies import cmaes_parameters as cp
-from m2n2_lightning.strategies.base import ScoreCandidates, Strategy, check_positive_int
+from m2n2_lightning.strategies.base import ScoreCandidates, Strategy
+from m2n2_lightning.checks import check_positive_int
 from m2n2_lightning.strategies.cmaes import CMAESStrategy
 from m2n2_lightning.strategies.layer_groups import (
     group_gram,

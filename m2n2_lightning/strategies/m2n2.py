@@ -18,10 +18,7 @@ from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.archive import (
     build_archive,
 )
-from m2n2_lightning.strategies.base import (
-    check_non_negative,
-    check_positive_int,
-)
+from m2n2_lightning.checks import check_non_negative, check_positive_int
 from m2n2_lightning.strategies.chromosomes import Chromosomes, check_slerp_angle
 from m2n2_lightning.strategies.population import PopulationStrategy
 

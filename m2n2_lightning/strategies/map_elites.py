@@ -33,9 +33,7 @@ from torch import Tensor
 
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.archive import Archive
-from m2n2_lightning.strategies.base import (
-    check_positive_int,
-)
+from m2n2_lightning.checks import check_positive_int
 from m2n2_lightning.strategies.population import PopulationStrategy
 
 if TYPE_CHECKING:

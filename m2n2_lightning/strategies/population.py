@@ -18,9 +18,8 @@ from m2n2_lightning.strategies.archive import initial_members, seed_vectors
 from m2n2_lightning.strategies.base import (
     ScoreCandidates,
     Strategy,
-    check_non_negative,
-    check_positive_int,
 )
+from m2n2_lightning.checks import check_non_negative, check_positive_int
 
 #: The paper's mutation and initialisation scale when evolving from scratch.
 PAPER_SIGMA = 0.01
