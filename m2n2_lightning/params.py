@@ -14,6 +14,7 @@ used where it is defined beside `forward`.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,17 @@ class FlatParams:
         torch._foreach_copy_(params, [part.reshape(shape) for part, shape in zip(vector.split(self._numels), self._shapes)])
         return module
 
+    @torch.no_grad()
+    def write_into(self, module: nn.Module, write: Callable[[int, int, Tensor], Any]) -> nn.Module:
+        """Fill the module's parameters in place, tensor by tensor: `write(start, stop, out)` puts coordinates
+        [start, stop) of a flat vector into `out`, the parameter's own storage viewed flat (no [D] copy)."""
+        for spec, param in zip(self.specs, self.parameters_of(module)):
+            target = param if param.is_contiguous() else torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            write(spec.offset, spec.offset + spec.numel, target.view(-1))
+            if target is not param:
+                param.copy_(target)
+        return module
+
     def check_compatible(self, module: nn.Module) -> None:
         """Raise a ValueError naming the mismatch if `module` has other parameters."""
         named = dict(module.named_parameters())
@@ -134,7 +146,7 @@ class FlatParams:
 def flat_vector(source: nn.Module | Tensor) -> Tensor:
     """A module's parameters (in `FlatParams` order) or any tensor as a detached [D] vector."""
     if isinstance(source, nn.Module):
-        return torch.cat([p.detach().reshape(-1) for p in source.parameters()])
+        return FlatParams(source).flatten(source)
     return torch.as_tensor(source).detach().reshape(-1)
 
 

@@ -24,7 +24,9 @@ when merging without mutation).
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -32,32 +34,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from m2n2_lightning.params import FlatParams
 from m2n2_lightning.strategies import operators as ops
+from m2n2_lightning.strategies.children import Children
 from m2n2_lightning.strategies.chromosomes import Piece
 from m2n2_lightning.strategies.coefficient_archive import CoefficientArchive
+from m2n2_lightning.strategies.mixture import SeedVectors
+from m2n2_lightning.strategies.score_table import ScoreTable
 
 #: The archive storages `build_archive` makes.
 STORAGES = ("dense", "coefficients", "host", "mmap")
 
 
-class Archive(nn.Module):
-    """Dense storage of P members of D parameters and their scores on N resources.
-
-    N is fixed by `allocate` when the strategy starts; a state_dict of a
-    started archive brings its own N.
-    """
+class Archive(ScoreTable):
+    """Dense storage of P members of D parameters (and, from `ScoreTable`, their scores on N resources)."""
 
     def __init__(self, capacity: int, num_params: int, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.capacity = capacity
+        super().__init__(capacity)
         self.num_params = num_params
         self.register_buffer("members", self._new_members(dtype))
-        self.register_buffer("scores", torch.zeros(capacity, 0))
-        self.register_buffer("occupied", torch.zeros(capacity, dtype=torch.bool))
-
-    @property
-    def num_resources(self) -> int:
-        return self.scores.shape[1]
 
     @property
     def like(self) -> Tensor:
@@ -73,20 +68,25 @@ class Archive(nn.Module):
         """All-zero members [P, D] (the empty slots)."""
         return torch.zeros(self.capacity, self.num_params, dtype=dtype)
 
-    def allocate(self, num_resources: int) -> None:
-        """Fix N: all-zero scores [P, N] for the (still empty) slots."""
-        self.scores = self.scores.new_zeros(self.capacity, num_resources)
+    def member_children(self, index: Tensor) -> Children:
+        return Children(values=self.members.index_select(0, index))
 
-    def rows(self, index: Tensor) -> Tensor:
-        """Members [m, D] at the slots `index` [m]."""
-        return self.members.index_select(0, index)
+    def initial_children(
+        self, init_models: Sequence[Tensor] | None, init_sigma: float, generator: torch.Generator
+    ) -> Children:
+        """The members a run starts from: the seed models, or two random N(0, sigma^2) ones (docs/ALGORITHM.md)."""
+        like = self.like
+        if init_models is not None:
+            return Children(values=torch.stack([model.to(like) for model in init_models]))
+        noise = torch.randn(2, self.num_params, generator=generator, device=like.device, dtype=like.dtype)
+        return Children(values=noise * init_sigma)
 
-    def copies(self, index: Tensor) -> Tensor:
-        """Children [m, D] that copy the members at `index` (the "no crossover" ablation)."""
-        return self.rows(index)
+    def copies(self, index: Tensor) -> Children:
+        """Children that copy the members at `index` (the "no crossover" ablation)."""
+        return self.member_children(index)
 
-    def crossover(self, first: Tensor, second: Tensor, split: Tensor | None, weight: Tensor) -> Tensor:
-        """Split-point SLERP children [m, D] of the member pairs (first[i], second[i]).
+    def crossover(self, first: Tensor, second: Tensor, split: Tensor | None, weight: Tensor) -> Children:
+        """Split-point SLERP children of the member pairs (first[i], second[i]).
 
         `weight` [m, 1] is the mixing ratio w, `split` [m] the split point (None:
         w everywhere, the ablation). The ratio takes two values only (w before the
@@ -94,16 +94,16 @@ class Archive(nn.Module):
         """
         a, b = self.rows(first), self.rows(second)
         if split is None:
-            return ops.slerp(a, b, weight)
+            return Children(values=ops.slerp(a, b, weight))
         coef_a, coef_b = ops.slerp_weights(ops.cosine(a, b), torch.cat([weight, 1 - weight], dim=-1))
         if self.host_side:
-            return ops.combine_by_slices(a, b, coef_a, coef_b, split.tolist())
-        return ops.combine_by_mask(a, b, coef_a, coef_b, split)
+            return Children(values=ops.combine_by_slices(a, b, coef_a, coef_b, split.tolist()))
+        return Children(values=ops.combine_by_mask(a, b, coef_a, coef_b, split))
 
     def crossover_by_pieces(
         self, first: Tensor, second: Tensor, pieces: Sequence[Sequence[Piece]], ratios: Tensor, per_part: bool
-    ) -> Tensor:
-        """SLERP children [m, D] of (first[i], second[i]) made piece by piece (`chromosomes`).
+    ) -> Children:
+        """SLERP children of (first[i], second[i]) made piece by piece (`chromosomes`).
 
         Each piece (start, stop, label) of child i mixes its range with ratio
         `ratios[i, label]`; the angle is the whole vectors' one, or with
@@ -121,26 +121,20 @@ class Archive(nn.Module):
             for start, stop, label in child_pieces:
                 torch.mul(a[i, start:stop], coef_a[label], out=child[i, start:stop])
                 child[i, start:stop].add_(b[i, start:stop] * coef_b[label])
-        return child
+        return Children(values=child)
+
+    def _store(self, slot: int, children: Children, row: int) -> None:
+        children.write(row, 0, self.num_params, self.members[slot])
 
     @torch.no_grad()
     def write(
-        self, slot: Tensor, member: Tensor, member_scores: Tensor, accept: Tensor | None = None, made: int | None = None
+        self, slot: Tensor, children: Children, row: int, member_scores: Tensor, accept: Tensor | None = None
     ) -> None:
-        """Put `member` [D] and its scores [N] into `slot` (a 0-dim or one-element index).
-
-        Nothing changes when `slot` is P or more (the newcomer lost) or `accept` is False.
-        `made` (the row of the last batch of children that `member` is) is for
-        storages that keep members in another form (`CoefficientArchive`); the
-        dense storage stores `member` itself and ignores it.
-        """
+        """`ScoreTable.write`; on an accelerator with masks, without reading the slot back to the host."""
         if self.host_side:
-            row = int(slot)
-            if row < self.capacity and (accept is None or bool(accept)):
-                self.members[row] = member
-                self.scores[row] = member_scores
-                self.occupied[row] = True
+            super().write(slot, children, row, member_scores, accept)
             return
+        member = children.dense()[row].to(self.members.dtype)
         keep = slot < self.capacity
         if accept is not None:
             keep = keep & accept
@@ -150,13 +144,6 @@ class Archive(nn.Module):
         self.scores.index_copy_(0, index, torch.where(keep, member_scores.unsqueeze(0), self.scores.index_select(0, index)))
         self.occupied.index_copy_(0, index, self.occupied.index_select(0, index) | keep)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # N is fixed when a run starts: an archive that has not started takes the saved one.
-        saved = state_dict.get(prefix + "scores")
-        if saved is not None and self.num_resources == 0 and saved.dim() == 2 and saved.shape[0] == self.capacity:
-            self.allocate(saved.shape[1])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
 
 class HostArchive(Archive):
     """`Archive` whose members [P, D] stay in host memory, or in a memory-mapped file the OS pages.
@@ -165,9 +152,10 @@ class HostArchive(Archive):
     of dtype converts them in place of storage); rows are moved to the scores'
     device when read and written back by slot. For archives larger than the
     device ("host") or than the host memory ("mmap"; docs/ALGORITHM.md, "Memory"). The
-    file of "mmap" is made in `storage_dir` (or the temporary directory) and
-    unlinked at once: it lives, unseen, as long as the archive. Results are
-    bit-identical to the dense archive's; so is the state_dict.
+    file of "mmap" is made in `storage_dir` (or the temporary directory), its
+    disk space reserved at once (a full disk is a clear error now, not a
+    SIGBUS later), and unlinked at once: it lives, unseen, as long as the
+    archive. Results are bit-identical to the dense archive's; so is the state_dict.
     """
 
     def __init__(
@@ -181,17 +169,18 @@ class HostArchive(Archive):
         self.mapped = mapped
         self.storage_dir = storage_dir
         super().__init__(capacity, num_params, dtype)
-        # The members last: a strategy's device is its first buffer's, and these stay on the host.
-        self._buffers["members"] = self._buffers.pop("members")
 
     def _new_members(self, dtype: torch.dtype) -> Tensor:
         if not self.mapped:
             return torch.zeros(self.capacity, self.num_params, dtype=dtype)
+        nbytes = self.capacity * self.num_params * torch.empty(0, dtype=dtype).element_size()
         handle, path = tempfile.mkstemp(prefix="m2n2-archive-", suffix=".bin", dir=self.storage_dir)
-        os.close(handle)
-        try:  # a new file reads as zeros: the empty slots cost no memory until written
+        try:
+            reserve(handle, nbytes, os.path.dirname(path))
+            # a new file reads as zeros: the empty slots cost no memory until written
             members = torch.from_file(path, shared=True, size=self.capacity * self.num_params, dtype=dtype)
         finally:
+            os.close(handle)
             os.unlink(path)
         return members.view(self.capacity, self.num_params)
 
@@ -204,8 +193,8 @@ class HostArchive(Archive):
         """Always: the members are read and written by slot, on the host."""
         return True
 
-    def rows(self, index: Tensor) -> Tensor:
-        return self.members.index_select(0, index.cpu()).to(self.scores.device)
+    def member_children(self, index: Tensor) -> Children:
+        return Children(values=self.members.index_select(0, index.cpu()).to(self.scores.device))
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> HostArchive:
         members = self.members
@@ -220,6 +209,23 @@ class HostArchive(Archive):
         return self
 
 
+def reserve(handle: int, nbytes: int, directory: str) -> None:
+    """Reserve `nbytes` of disk for the open file `handle`, or a ValueError naming the directory and the bytes."""
+    try:
+        os.posix_fallocate(handle, 0, nbytes)
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if shutil.disk_usage(directory).free >= nbytes:  # no fallocate on this file system: check instead
+                os.ftruncate(handle, nbytes)
+                return
+    free = shutil.disk_usage(directory).free
+    raise ValueError(
+        f"storage='mmap' needs {nbytes:,} bytes for its archive file in {directory}, but only {free:,} are free: "
+        "free space there, point storage_dir at a larger disk, lower pop_size, or use storage='coefficients'"
+    )
+
+
 def build_archive(
     storage: str,
     capacity: int,
@@ -227,6 +233,7 @@ def build_archive(
     seeds: Sequence[Tensor] | None,
     mutation_sigma: float,
     storage_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Archive | CoefficientArchive:
     """The archive of `storage` (one of STORAGES), or a ValueError when that storage cannot hold the run.
 
@@ -248,10 +255,10 @@ def build_archive(
                 f"storage='coefficients' cannot hold mutated children (mutation_sigma={mutation_sigma}): a child with "
                 "noise is no mixture of the seeds; set mutation_sigma=0 or use storage='dense', 'host' or 'mmap'"
             )
-        return CoefficientArchive(capacity, num_params, seeds)
+        return CoefficientArchive(capacity, num_params, seeds, dtype)
     if storage == "dense":
-        return Archive(capacity, num_params)
-    return HostArchive(capacity, num_params, mapped=storage == "mmap", storage_dir=storage_dir)
+        return Archive(capacity, num_params, dtype)
+    return HostArchive(capacity, num_params, dtype, mapped=storage == "mmap", storage_dir=storage_dir)
 
 
 def part_cosines(a: Tensor, b: Tensor, pieces: Sequence[Piece], num_labels: int) -> Tensor:
@@ -263,37 +270,24 @@ def part_cosines(a: Tensor, b: Tensor, pieces: Sequence[Piece], num_labels: int)
     return sums[0] / (sums[1].sqrt() * sums[2].sqrt())
 
 
-def initial_members(
-    num_params: int,
-    init_models: Sequence[Tensor] | None,
-    init_sigma: float,
-    generator: torch.Generator,
-    like: Tensor,
-) -> Tensor:
-    """The members a run starts from: the given seed models, or two random N(0, sigma^2) ones (docs/ALGORITHM.md)."""
-    if init_models is not None:
-        return torch.stack([model.to(like) for model in init_models])
-    noise = torch.randn(2, num_params, generator=generator, device=like.device, dtype=like.dtype)
-    return noise * init_sigma
-
-
-def seed_vectors(init_models: Sequence[nn.Module | Tensor] | None, num_params: int) -> list[Tensor] | None:
-    """Seed models as flat [D] vectors, checked to have D parameters (ValueError naming the one that differs)."""
+def seed_vectors(init_models: Sequence[nn.Module | Tensor] | None, num_params: int) -> SeedVectors | None:
+    """Seed models as flat [D] vectors (views of given tensors, no copy), checked to have D parameters
+    (ValueError naming the one that differs); a `SeedVectors` keeps its stack and digests."""
     if init_models is None:
         return None
     if len(init_models) < 2:
         raise ValueError(f"init_models must hold two or more models to merge, got {len(init_models)}")
     vectors = []
     for i, model in enumerate(init_models):
-        vector = (
-            torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-            if isinstance(model, nn.Module)
-            else torch.as_tensor(model).detach().reshape(-1)
-        )
+        vector = FlatParams(model).flatten(model) if isinstance(model, nn.Module) else torch.as_tensor(model).detach().reshape(-1)
         if vector.numel() != num_params:
             raise ValueError(
                 f"init_models[{i}] has {vector.numel()} parameters but the model being evolved has {num_params}; "
                 "give models of the same architecture"
             )
+        if not vector.is_floating_point():
+            raise ValueError(f"init_models[{i}] holds {vector.dtype} values; seed models must be floating point")
         vectors.append(vector)
-    return vectors
+    if isinstance(init_models, SeedVectors):
+        return SeedVectors(vectors, init_models.stacked, init_models.digests)
+    return SeedVectors(vectors)

@@ -1,9 +1,13 @@
 """The ask/tell protocol every strategy speaks.
 
     strategy = M2N2Strategy(num_params=D, seed=0)   # D is fixed here, at construction
-    strategy.start(score)                           # the initial members, scored by score([m, D]) -> [m, N]
-    candidates = strategy.ask(k)                    # [k, D] on the strategy's device
-    strategy.tell(candidates, scores)               # scores [k, N], per-example, in [0, 1]
+    strategy.start(score)                           # the initial members, scored by score(children) -> [m, N]
+    children = strategy.ask(k)                      # the k children it made (`Children`: .dense() is [k, D])
+    strategy.tell(children, scores)                 # their scores [k, N], per-example, in [0, 1]
+
+`tell` takes back the handle `ask` returned, so a storage that keeps members
+in another form (mixtures of the seeds) stores each child by handle; the
+counters (forward passes, N) are kept here, once, for every strategy.
 
 A strategy is an `nn.Module`: its population lives in buffers, so `.to(device)`
 moves it and `state_dict()` (hence Lightning's checkpoints) carries it. Its one
@@ -27,10 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from m2n2_lightning.strategies.children import Children
+
 from m2n2_lightning.checks import check_positive_int
 
-#: What scores candidates for `Strategy.start`: candidates [m, D] -> scores [m, N].
-ScoreCandidates = Callable[[Tensor], Tensor]
+#: What scores candidates for `Strategy.start`: children -> scores [m, N].
+ScoreCandidates = Callable[[Children], Tensor]
 
 
 @contextlib.contextmanager
@@ -57,7 +63,8 @@ class Strategy(nn.Module):
     """Base class: D fixed at construction, seeded generator, counters, checked tell(), state round-trip.
 
     Subclasses implement `_start`, `ask`, `_tell`, `best_params`, `population`
-    and `candidates_per_step`. `start` is the one place where the initial
+    and `candidates_per_step` (and `best_children` / `best_token` where the best
+    member has a cheaper form). `start` is the one place where the initial
     members are made and scored; `num_resources` (N) is fixed there.
     """
 
@@ -89,21 +96,32 @@ class Strategy(nn.Module):
     def _start(self, score: ScoreCandidates) -> None:
         raise NotImplementedError
 
-    def ask(self, k: int | None = None) -> Tensor:
-        """Propose candidates [k, D] to be scored."""
+    def ask(self, k: int | None = None) -> Children:
+        """Propose k children to be scored."""
         raise NotImplementedError
 
-    def tell(self, candidates: Tensor, scores: Tensor) -> None:
-        """Report per-example scores [k, N] of `candidates` [k, D] (checked first)."""
-        self.check_told(candidates, scores)
-        self._tell(candidates, scores)
+    def tell(self, children: Children | Tensor, scores: Tensor) -> None:
+        """Report per-example scores [k, N] of the `children` of the last ask (checked first); counts them."""
+        children = Children.of(children)
+        self.check_told(children, scores)
+        self._tell(children, scores)
+        self.num_resources = scores.shape[1]
+        self.forward_passes += len(children)
 
-    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
+    def _tell(self, children: Children, scores: Tensor) -> None:
         raise NotImplementedError
 
     def best_params(self) -> Tensor:
         """The flat parameters [D] of the strategy's current best solution."""
         raise NotImplementedError
+
+    def best_children(self) -> Children:
+        """The best solution as one child (what is loaded into a module: `Children.load_into(0, ...)`)."""
+        return Children(values=self.best_params().unsqueeze(0))
+
+    def best_token(self) -> Any:
+        """A value that changes whenever the best solution may have changed (None: always assume it did)."""
+        return None
 
     @property
     def candidates_per_step(self) -> int:
@@ -164,14 +182,14 @@ class Strategy(nn.Module):
             raise RuntimeError(f"{type(self).__name__} has not started: call start(score) before ask()")
         return self.candidates_per_step if k is None else check_positive_int("k", k, 1)
 
-    def check_told(self, candidates: Tensor, scores: Tensor) -> None:
+    def check_told(self, children: Children, scores: Tensor) -> None:
         """ValueError before any state changes if a tell() is malformed."""
         if not self.started:
             raise RuntimeError(f"{type(self).__name__} has not started: call start(score) before tell()")
         dim = self.num_params
-        if candidates.dim() != 2 or candidates.shape[1] != dim:
-            raise ValueError(f"candidates must have shape [k, {dim}], got {tuple(candidates.shape)}")
-        k = candidates.shape[0]
+        if children.num_params != dim:
+            raise ValueError(f"candidates must have D = {dim} parameters, got {children.num_params}")
+        k = len(children)
         if scores.dim() != 2 or scores.shape[0] != k:
             raise ValueError(f"scores must have shape [k={k}, N], got {tuple(scores.shape)}")
         if self.num_resources is not None and scores.shape[1] != self.num_resources:

@@ -22,6 +22,7 @@ from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
 
 from m2n2_lightning.params import flat_vector
 from m2n2_lightning.strategies import cmaes_parameters as cp
+from m2n2_lightning.strategies.children import Children
 from m2n2_lightning.strategies.base import (
     ScoreCandidates,
     Strategy,
@@ -129,7 +130,7 @@ class CMAESStrategy(Strategy):
 
     # ----------------------------------------------------------------- protocol
     @torch.no_grad()
-    def ask(self, k: int | None = None) -> Tensor:
+    def ask(self, k: int | None = None) -> Children:
         """One generation x_k = m + sigma B D z_k, z_k ~ N(0, I) (tutorial eqs. 38-40) [popsize, D];
         with TPA the first two are mirrored along the last mean shift."""
         k = self.check_k(k)
@@ -146,17 +147,18 @@ class CMAESStrategy(Strategy):
             norm = self._whiten(self.mean_shift).norm(dim=-1)
             line = self.mean_shift * torch.where(norm > 0, length / norm, torch.zeros_like(norm))
             steps = torch.cat([line[None], -line[None], steps])
-        return (self.mean + self.sigma * steps).to(self.candidate_dtype)
+        return Children(values=(self.mean + self.sigma * steps).to(self.candidate_dtype))
 
-    def check_told(self, candidates: Tensor, scores: Tensor) -> None:
+    def check_told(self, children: Children, scores: Tensor) -> None:
         """The base checks, and one whole generation."""
-        super().check_told(candidates, scores)
-        if candidates.shape[0] != self.popsize:
-            raise ValueError(f"tell() takes one generation of popsize = {self.popsize}, got {candidates.shape[0]}")
+        super().check_told(children, scores)
+        if len(children) != self.popsize:
+            raise ValueError(f"tell() takes one generation of popsize = {self.popsize}, got {len(children)}")
 
     @torch.no_grad()
-    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
+    def _tell(self, children: Children, scores: Tensor) -> None:
         """One generation's updates, in the order of the tutorial's summary (eqs. 41-47)."""
+        candidates = children.dense()
         fitness = self._record(candidates, scores)
         self.generation += 1
         sigma = self.sigma.clone()  # this generation's sigma (the step-size update comes last)
@@ -171,11 +173,9 @@ class CMAESStrategy(Strategy):
         self._update_sigma(fitness)
         self.mean.copy_(new_mean)
         self.mean_shift.copy_(shift)
-        self.forward_passes += len(candidates)
 
     def _record(self, candidates: Tensor, scores: Tensor) -> Tensor:
         """Keep the generation's scores and the best candidate; the fitness -mean score (pycma minimises)."""
-        self.num_resources = scores.shape[1]  # check_told holds it to the first tell's N
         self.last_scores = scores.to(self.mean, copy=True)
         mean_scores = self.last_scores.mean(dim=1)
         best = mean_scores.argmax()

@@ -36,6 +36,8 @@ from m2n2_lightning.strategies.layer_groups import (
     group_parameters,
     segments_of,
 )
+from m2n2_lightning.strategies.children import Children
+from m2n2_lightning.strategies.mixture import Form, SeedVectors, merge_equal_rows
 from m2n2_lightning.strategies.operators import slerp_weights
 
 #: Relative difference of the seeds' per-group Gram entries above which a resume is refused.
@@ -87,7 +89,7 @@ class LayerwiseSlerpStrategy(Strategy):
         super().__init__(num_params, seed=seed, validate_scores=validate_scores)
         check_positive_int("popsize", popsize, 2)  # the inner CMA-ES checks them too; here before the O(D) work
         cp.check_positive("sigma0", sigma0)
-        seed_a, seed_b = self._check_seeds(init_models)
+        seeds = self._check_seeds(init_models)
         if layout is None:
             raise ValueError(
                 "LayerwiseSlerpStrategy needs layout, the (name, numel) of the parameters in vector order, to find "
@@ -101,9 +103,8 @@ class LayerwiseSlerpStrategy(Strategy):
         self.segments = segments_of(layout, owner)
         num_groups = len(self.group_names)
         self.x0 = self._check_x0(x0, num_groups)
-        self.register_buffer("seed_a", seed_a, persistent=False)
-        self.register_buffer("seed_b", seed_b, persistent=False)
-        self.register_buffer("gram", group_gram(seed_a, seed_b, self.segments, num_groups))
+        self.register_buffer("seeds", seeds.stack(seeds[0].dtype, seeds[0].device), persistent=False)
+        self.register_buffer("gram", group_gram(self.seeds[0], self.seeds[1], self.segments, num_groups))
         if not torch.isfinite(self.gram).all():
             raise ValueError("the seeds hold non-finite values (inf or NaN); check the seed models")
         start = torch.tensor(self.x0, dtype=torch.float64).expand(num_groups).clone()
@@ -113,7 +114,7 @@ class LayerwiseSlerpStrategy(Strategy):
         )  # fmt: skip
         self._asked: Tensor | None = None  # the coefficients [k, G] of the last ask, until told
 
-    def _check_seeds(self, init_models: Any) -> tuple[Tensor, Tensor]:
+    def _check_seeds(self, init_models: Any) -> SeedVectors:
         if isinstance(init_models, Tensor):  # one [2, D] tensor holds two seeds; a [D] one is a single seed
             init_models = list(init_models) if init_models.dim() == 2 else [init_models]
         if not isinstance(init_models, Sequence):
@@ -122,6 +123,7 @@ class LayerwiseSlerpStrategy(Strategy):
                 "[D] tensors; M2N2Callback(init_from=[a, b]) does)"
             )
         seeds = [flat_vector(model) for model in init_models]
+        stacked = getattr(init_models, "stacked", None)
         if len(seeds) != 2:
             raise ValueError(
                 f"LayerwiseSlerpStrategy interpolates between exactly two seed models, got {len(seeds)}; "
@@ -133,7 +135,7 @@ class LayerwiseSlerpStrategy(Strategy):
                     f"init_models[{i}] has {seed_vector.numel()} {seed_vector.dtype} values, but the model has "
                     f"D = {self.num_params} floating-point parameters"
                 )
-        return seeds[0], seeds[1].to(seeds[0])
+        return SeedVectors([seeds[0], seeds[1].to(seeds[0])], stacked, getattr(init_models, "digests", None))
 
     @staticmethod
     def _check_x0(x0: Any, num_groups: int) -> float | list[float]:
@@ -161,41 +163,39 @@ class LayerwiseSlerpStrategy(Strategy):
         self.search.start(score)
 
     @torch.no_grad()
-    def ask(self, k: int | None = None) -> Tensor:
-        """One generation of coefficients from CMA-ES, as merged models [popsize, D]."""
-        self._asked = self.search.ask(self.check_k(k))
+    def ask(self, k: int | None = None) -> Children:
+        """One generation of coefficients from CMA-ES, as merges of the seeds (forms, written when scored)."""
+        self._asked = self.search.ask(self.check_k(k)).dense()
         return self.merge(self._asked)
 
-    def check_told(self, candidates: Tensor, scores: Tensor) -> None:
-        """The base checks, and the candidates of the last ask (one per coefficient vector asked)."""
-        super().check_told(candidates, scores)
+    def check_told(self, children: Children, scores: Tensor) -> None:
+        """The base checks, and the children of the last ask (one per coefficient vector asked)."""
+        super().check_told(children, scores)
         if self._asked is None:
             raise RuntimeError("tell() takes the candidates of the last ask(), but nothing was asked since the last tell")
-        if candidates.shape[0] != len(self._asked):
-            raise ValueError(f"tell() takes the {len(self._asked)} candidates of the last ask(), got {len(candidates)}")
+        if len(children) != len(self._asked):
+            raise ValueError(f"tell() takes the {len(self._asked)} candidates of the last ask(), got {len(children)}")
 
     @torch.no_grad()
-    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
+    def _tell(self, children: Children, scores: Tensor) -> None:
         """Tell CMA-ES the asked coefficients with the scores of their merges (it ranks by the mean score)."""
         self.search.tell(self._asked, scores)
-        self.num_resources = scores.shape[1]
-        self.forward_passes += len(candidates)
         self._asked = None
 
     @torch.no_grad()
-    def merge(self, coefficients: Tensor) -> Tensor:
-        """The merged models [k, D] of coefficients [k, G], each clipped to [0, 1] (the module docstring's map)."""
+    def merge(self, coefficients: Tensor) -> Children:
+        """The merges of coefficients [k, G], each clipped to [0, 1] (the module docstring's map), as forms over
+        the two seeds: on group g's segments the SLERP weights (c_a, c_b) of that group."""
         if coefficients.dim() != 2 or coefficients.shape[1] != self.num_groups:
             raise ValueError(f"coefficients must have shape [k, {self.num_groups}], got {tuple(coefficients.shape)}")
         squares_a, squares_b, dots = self.gram.unbind(-1)
         cos = dots / (squares_a * squares_b).sqrt()  # NaN for a zero group: slerp_weights mixes it linearly
         ratios = coefficients.to(self.gram).clamp(0, 1)
-        weights_a, weights_b = (w.mT.to(self.seed_a.dtype) for w in slerp_weights(cos, ratios.mT))  # [k, G] each
-        out = torch.empty(len(coefficients), self.num_params, dtype=self.seed_a.dtype, device=self.seed_a.device)
-        for start, stop, group in self.segments:
-            part = torch.mul(weights_a[:, group : group + 1], self.seed_a[start:stop], out=out[:, start:stop])
-            part.addcmul_(weights_b[:, group : group + 1], self.seed_b[start:stop])
-        return out
+        weights_a, weights_b = (w.mT.cpu() for w in slerp_weights(cos, ratios.mT))  # [k, G] each, float64
+        groups = torch.tensor([group for _, _, group in self.segments])
+        cuts = torch.tensor([start for start, _, _ in self.segments[1:]], dtype=torch.long)
+        forms = [merge_equal_rows(cuts, torch.stack([a[groups], b[groups]], dim=1)) for a, b in zip(weights_a, weights_b)]
+        return Children(forms=forms, seeds=self.seeds, owner=self)
 
     def best_coefficients(self) -> Tensor:
         """CMA-ES's best told coefficients [G] (its mean before any tell), clipped to [0, 1]."""
@@ -205,7 +205,18 @@ class LayerwiseSlerpStrategy(Strategy):
 
     def best_params(self) -> Tensor:
         """The merged model [D] of `best_coefficients`."""
-        return self.merge(self.best_coefficients()[None])[0]
+        return self.best_children().dense()[0]
+
+    def best_children(self) -> Children:
+        return self.merge(self.best_coefficients()[None])
+
+    def best_token(self) -> tuple[float, ...]:
+        """The best coefficients themselves: the merge changes exactly when they do."""
+        return tuple(self.best_coefficients().tolist())
+
+    def best_form(self) -> Form:
+        """The best merge's form over the two seeds (a merge's recipe)."""
+        return self.best_children().forms[0]
 
     @property
     def candidates_per_step(self) -> int:

@@ -19,6 +19,7 @@ from m2n2_lightning.strategies.archive import (
     build_archive,
 )
 from m2n2_lightning.checks import check_non_negative, check_positive_int
+from m2n2_lightning.strategies.children import Children
 from m2n2_lightning.strategies.chromosomes import Chromosomes, check_slerp_angle
 from m2n2_lightning.strategies.population import PopulationStrategy
 
@@ -90,6 +91,9 @@ class M2N2Strategy(PopulationStrategy):
             device), or "coefficients" (mixtures of `init_models`: the seeds
             once and kilobytes per member; refused with mutation).
         storage_dir: the directory of the "mmap" file (None: the temporary one).
+        dtype: the members' and children's dtype (None: the seeds' own, e.g.
+            bfloat16 for bf16 checkpoints, else float32); the SLERP angles are
+            computed in float64 whatever it is.
 
     `start(score)` scores the initial members (two random ones, or the given
     models) and inserts them by the update rule; they do not count as forward passes.
@@ -137,8 +141,9 @@ class M2N2Strategy(PopulationStrategy):
         self.use_matchmaker = bool(use_matchmaker)
         self.use_crossover = bool(use_crossover)
         self.use_split_point = bool(use_split_point)
+        self.storage = storage
         self.archive = build_archive(
-            storage, self.pop_size, self.num_params, self.init_models, self.mutation_sigma, storage_dir
+            storage, self.pop_size, self.num_params, self.init_models, self.mutation_sigma, storage_dir, self.dtype
         )
 
     @property
@@ -175,11 +180,11 @@ class M2N2Strategy(PopulationStrategy):
         return self.archive.scores[occupied], fitness[occupied]
 
     @torch.no_grad()
-    def ask(self, k: int | None = None) -> Tensor:
+    def ask(self, k: int | None = None) -> Children:
         k = self.check_k(k)
         generator = self.generator
         warmup = self.forward_passes < self.warmup_steps
-        # The temporaries need no autograd bookkeeping; the returned children are made outside.
+        # The temporaries need no autograd bookkeeping; dense children are copied out of inference mode.
         with torch.inference_mode():
             if warmup:
                 first, second = uniform_pairs(self.archive.occupied, k, generator)
@@ -190,11 +195,13 @@ class M2N2Strategy(PopulationStrategy):
                 children = self._crossover(first, second, k, generator)
             else:
                 children = self.archive.copies(first)
+        if children.forms is not None:
+            return children
         if self.mutation_sigma == 0 or warmup:
-            return children.clone()
-        return ops.mutate(children, self.mutation_sigma, generator)
+            return Children(values=children.values.clone())
+        return Children(values=ops.mutate(children.values, self.mutation_sigma, generator))
 
-    def _crossover(self, first: Tensor, second: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    def _crossover(self, first: Tensor, second: Tensor, k: int, generator: torch.Generator) -> Children:
         """Split-point SLERP children: the reference's exact path for one group and the whole angle,
         else piece by piece (`chromosomes`)."""
         members = self.archive.like
@@ -207,11 +214,11 @@ class M2N2Strategy(PopulationStrategy):
         ratios = self.chromosomes.ratios(weight)
         return self.archive.crossover_by_pieces(first, second, pieces, ratios, self.slerp_angle == "per_part")
 
-    def _insert(self, candidates: Tensor, scores: Tensor) -> None:
-        """Insert the rows one by one by the replace-the-worst rule (docs/ALGORITHM.md, "Archive update")."""
-        candidates, scores = candidates.to(self.archive.like), scores.to(self.archive.scores)
-        for row, (child, child_scores) in enumerate(zip(candidates, scores)):
-            self.archive.write(self._dropped_row(child_scores), child, child_scores, made=row)
+    def _insert(self, children: Children, scores: Tensor) -> None:
+        """Insert the children one by one by the replace-the-worst rule (docs/ALGORITHM.md, "Archive update")."""
+        scores = scores.to(self.archive.scores)
+        for row, child_scores in enumerate(scores):
+            self.archive.write(self._dropped_row(child_scores), children, row, child_scores)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -226,6 +233,7 @@ class M2N2Strategy(PopulationStrategy):
             "warmup_steps": self.warmup_steps,
             "chromosomes": self.chromosome_patterns,
             "slerp_angle": self.slerp_angle,
+            "storage": self.storage,
         }
 
     def extra_repr(self) -> str:

@@ -34,6 +34,7 @@ from torch import Tensor
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.archive import Archive
 from m2n2_lightning.checks import check_positive_int
+from m2n2_lightning.strategies.children import Children
 from m2n2_lightning.strategies.population import PopulationStrategy
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ class MAPElitesStrategy(PopulationStrategy):
         if not classes or not all(classes):
             raise ValueError(f"descriptor_classes must be one or more non-empty label groups, got {descriptor_classes!r}")
         self.descriptor_classes = classes
-        self.archive = Archive(self.bins ** len(classes), self.num_params)
+        self.archive = Archive(self.bins ** len(classes), self.num_params, self.dtype)
         self.register_buffer("membership", torch.zeros(len(classes), 0))
         if descriptor_labels is not None:
             self.set_descriptor_labels(descriptor_labels)
@@ -160,19 +161,20 @@ class MAPElitesStrategy(PopulationStrategy):
             raise ValueError(f"scores cover N = {scores.shape[1]} resources but {self.membership.shape[1]} labels were given")
 
     @torch.no_grad()
-    def ask(self, k: int | None = None) -> Tensor:
+    def ask(self, k: int | None = None) -> Children:
         k = self.check_k(k)
         first, second = sample_elite_parents(self.quality(), self.archive.occupied, k, self.generator)
         split, weight = ops.crossover_draws(k, self.num_params, self.generator, True, self.archive.like)
-        return ops.mutate(self.archive.crossover(first, second, split, weight), self.mutation_sigma, self.generator)
+        children = self.archive.crossover(first, second, split, weight).values
+        return Children(values=ops.mutate(children, self.mutation_sigma, self.generator))
 
-    def _insert(self, candidates: Tensor, scores: Tensor) -> None:
+    def _insert(self, children: Children, scores: Tensor) -> None:
         """Each child becomes its cell's elite if the cell is empty or its quality is strictly higher."""
         archive = self.archive
-        candidates, scores = candidates.to(archive.like), scores.to(archive.scores)
-        for child, child_scores, cell in zip(candidates, scores, self.cells(scores)):
+        scores = scores.to(archive.scores)
+        for row, (child_scores, cell) in enumerate(zip(scores, self.cells(scores))):
             accept = ~archive.occupied[cell] | (child_scores.mean() > archive.scores[cell].mean())
-            archive.write(cell, child, child_scores, accept)
+            archive.write(cell, children, row, child_scores, accept)
 
     def settings(self) -> dict[str, Any]:
         return {

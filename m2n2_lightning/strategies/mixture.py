@@ -16,6 +16,7 @@ is written in, so every path gives the same bits.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -92,3 +93,34 @@ def write_form(seeds: Sequence[Tensor], form: Form, start: int, stop: int, out: 
         parts = [seed.view(-1)[begin - offset : end - offset] for seed in seeds]
         mix(parts, coefficients, flat_out[begin - start : end - start])
     return out
+
+
+class SeedVectors(list):
+    """Seed models as flat [D] vectors, with their [K, D] stack when they came as one (no copy is then made)
+    and the SHA-256 digest of each seed's tensors (computed while they were read, or here from the values)."""
+
+    def __init__(self, vectors: Sequence[Tensor], stacked: Tensor | None = None, digests: Sequence[str] | None = None):
+        super().__init__(vectors)
+        self.stacked = stacked
+        self.digests = None if digests is None else list(digests)
+
+    def stack(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The seeds [K, D] in `dtype` on `device`: the given stack itself when it already is, else a new one."""
+        stacked = self.stacked
+        if stacked is not None and stacked.dtype == dtype and stacked.device == device and len(stacked) == len(self):
+            return stacked
+        return torch.stack([vector.to(device, dtype) for vector in self])
+
+    def fingerprint(self) -> str:
+        """One SHA-256 over every seed's digest: the same seeds, in the same order, give the same string."""
+        if self.digests is None:
+            self.digests = [tensor_digest(vector) for vector in self]
+        return hashlib.sha256(" ".join(self.digests).encode()).hexdigest()
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    data = tensor.detach().contiguous().cpu()
+    digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

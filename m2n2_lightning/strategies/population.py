@@ -14,15 +14,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from m2n2_lightning.strategies.archive import initial_members, seed_vectors
+from m2n2_lightning.strategies.archive import seed_vectors
 from m2n2_lightning.strategies.base import (
     ScoreCandidates,
     Strategy,
 )
 from m2n2_lightning.checks import check_non_negative, check_positive_int
+from m2n2_lightning.strategies.children import Children
+from m2n2_lightning.strategies.mixture import Form
 
 #: The paper's mutation and initialisation scale when evolving from scratch.
 PAPER_SIGMA = 0.01
+
+
+def archive_dtype(dtype: torch.dtype | str | None, seeds: Sequence[Tensor] | None) -> torch.dtype:
+    """The members' dtype: the one asked for ("bfloat16" or torch.bfloat16), else the seeds', else float32."""
+    if dtype is None:
+        return seeds[0].dtype if seeds is not None else torch.float32
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    return resolved
 
 
 class PopulationStrategy(Strategy):
@@ -35,6 +47,7 @@ class PopulationStrategy(Strategy):
         init_sigma: float = PAPER_SIGMA,
         children_per_step: int = 1,
         init_models: Sequence[nn.Module | Tensor] | None = None,
+        dtype: torch.dtype | str | None = None,
         seed: int = 0,
         validate_scores: bool = True,
     ) -> None:
@@ -44,6 +57,7 @@ class PopulationStrategy(Strategy):
         if mutation_sigma is not None:
             mutation_sigma = check_non_negative("mutation_sigma", mutation_sigma)
         self.init_models = seed_vectors(init_models, self.num_params)
+        self.dtype = archive_dtype(dtype, self.init_models)
         # The paper: sigma = 0.01 from scratch, no mutation when merging given models.
         self.mutation_sigma = mutation_sigma if mutation_sigma is not None else (0.0 if self.init_models is not None else PAPER_SIGMA)
 
@@ -61,7 +75,7 @@ class PopulationStrategy(Strategy):
         return self.children_per_step
 
     def _start(self, score: ScoreCandidates) -> None:
-        members = initial_members(self.num_params, self.init_models, self.init_sigma, self.generator, self.archive.like)
+        members = self.archive.initial_children(self.init_models, self.init_sigma, self.generator)
         scores = score(members)
         if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != len(members):
             shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
@@ -72,11 +86,10 @@ class PopulationStrategy(Strategy):
         self._insert(members, scores)
 
     @torch.no_grad()
-    def _tell(self, candidates: Tensor, scores: Tensor) -> None:
-        self._insert(candidates, scores)
-        self.forward_passes += len(candidates)
+    def _tell(self, children: Children, scores: Tensor) -> None:
+        self._insert(children, scores)
 
-    def _insert(self, candidates: Tensor, scores: Tensor) -> None:
+    def _insert(self, children: Children, scores: Tensor) -> None:
         raise NotImplementedError
 
     def best_index(self) -> Tensor:
@@ -90,6 +103,22 @@ class PopulationStrategy(Strategy):
     def best_params(self) -> Tensor:
         return self.archive.rows(self.best_index())[0]
 
+    def best_children(self) -> Children:
+        """The best member as a child of the archive's own kind (a form over the seeds: written, not copied)."""
+        return self.archive.member_children(self.best_index())
+
+    def best_token(self) -> tuple[int, int] | None:
+        """(slot, how often it was written) of the best member, where reading the slot costs no device sync."""
+        if not self.archive.host_side:
+            return None
+        slot = int(self.best_index())
+        return slot, self.archive.versions[slot]
+
+    def best_form(self) -> Form | None:
+        """The best member's form over the seeds (a merge's recipe), where the archive keeps forms."""
+        forms = getattr(self.archive, "forms", None)
+        return None if forms is None else forms[int(self.best_index())]
+
     def settings(self) -> dict[str, Any]:
         return {
             **super().settings(),
@@ -97,4 +126,5 @@ class PopulationStrategy(Strategy):
             "init_sigma": self.init_sigma,
             "children_per_step": self.children_per_step,
             "seed_models": 0 if self.init_models is None else len(self.init_models),
+            "dtype": str(self.dtype).removeprefix("torch."),
         }
