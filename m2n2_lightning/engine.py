@@ -38,6 +38,7 @@ from m2n2_lightning.strategies.base import (
     Strategy,
     rolled_back_on_error,
 )
+from m2n2_lightning.strategies.children import Children
 from m2n2_lightning.checks import check_positive_int
 
 
@@ -89,6 +90,8 @@ class EvolutionEngine:
     number of DDP ranks (see `m2n2_lightning.distributed`).
     """
 
+    UNKNOWN = object()
+
     def __init__(
         self,
         model: nn.Module,
@@ -123,6 +126,8 @@ class EvolutionEngine:
         #: All resource targets, as given (for the per-class metrics).
         self.targets: Tensor | None = None
         self._rate_mark: tuple[float, int] | None = None
+        #: `best_token()` of the member the model holds (UNKNOWN: a scored child, or nothing loaded yet).
+        self._loaded: Any = self.UNKNOWN
 
     def attach(self, inputs: Tensor, targets: Tensor) -> None:
         """Move this rank's shard of the resources to the model's device, once, for all later steps."""
@@ -155,11 +160,14 @@ class EvolutionEngine:
         self.targets = None
 
     @torch.no_grad()
-    def score(self, candidates: Tensor) -> Tensor:
-        """Scores [k, N] of the candidates on all resources (this rank's shard, then all-gathered)."""
+    def score(self, children: Children | Tensor) -> Tensor:
+        """Scores [k, N] of the children on all resources (this rank's shard, then all-gathered)."""
         if not self.evaluators:
             raise RuntimeError("no resources attached: call attach(inputs, targets) first")
-        parts = [evaluator(candidates) for evaluator in self.evaluators]
+        children = Children.of(children)
+        parts = [evaluator(children) for evaluator in self.evaluators]
+        if any(isinstance(evaluator, ModuleEvaluator) for evaluator in self.evaluators):
+            self._loaded = self.UNKNOWN  # the module now holds the last child scored
         local = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return local if len(self.shard_sizes) == 1 else distributed.all_gather_scores(local, self.shard_sizes)
 
@@ -172,19 +180,29 @@ class EvolutionEngine:
 
     @torch.no_grad()
     def step(self, k: int | None = None) -> None:
-        """One ask -> score -> tell step; the model then holds the best member.
+        """One ask -> score -> tell step.
 
         An exception (a second Ctrl-C) before the tell rolls the generator back,
-        so the strategy is left exactly at the previous step boundary.
+        so the strategy is left exactly at the previous step boundary. With
+        vectorised scoring the model then holds the best member (loaded only
+        when it changed); with `evaluate` it holds the last child scored until
+        `load_best` is called (by the callback, when something reads the model).
         """
         with rolled_back_on_error(self.strategy.generator):
-            candidates = self.strategy.ask(k)
-            scores = self.score(candidates)
-        self.strategy.tell(candidates, scores)
-        self.load_best()
+            children = self.strategy.ask(k)
+            scores = self.score(children)
+        self.strategy.tell(children, scores)
+        if self._loaded is not self.UNKNOWN:
+            self.load_best()
 
+    @torch.no_grad()
     def load_best(self) -> None:
-        self.flat.load_into(self.model, self.strategy.best_params())
+        """Write the best member into the model's parameters, unless they already hold it."""
+        token = self.strategy.best_token()
+        if token is not None and token == self._loaded:
+            return
+        self.strategy.best_children().load_into(0, self.model, self.flat)
+        self._loaded = token
 
     @property
     def forward_passes(self) -> int:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from m2n2_lightning.checks import check_positive_int
 from m2n2_lightning.params import FlatParams, population_forward
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
+from m2n2_lightning.strategies.children import Children
 
 #: Scoring dtypes other than the model's own.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -71,8 +72,9 @@ class Evaluator:
         return len(self.targets)
 
     @torch.no_grad()
-    def __call__(self, candidates: Tensor) -> Tensor:
-        """Scores [k, N] of each candidate on each resource."""
+    def __call__(self, candidates: Children | Tensor) -> Tensor:
+        """Scores [k, N] of each candidate on each resource (children are made dense [k, D] for the forward)."""
+        candidates = Children.of(candidates).dense()
         chunks = [candidates] if self.chunk_size is None else candidates.split(self.chunk_size)
         scores = []
         for chunk in chunks:
@@ -144,16 +146,17 @@ class ModuleEvaluator:
         self.num_resources = sum(size for size, _ in batches)
 
     @torch.no_grad()
-    def __call__(self, candidates: Tensor) -> Tensor:
-        """Scores [k, N] of each candidate on each resource."""
+    def __call__(self, candidates: Children | Tensor) -> Tensor:
+        """Scores [k, N] of each candidate on each resource; each child is written straight into the module."""
+        children = Children.of(candidates)
         training = self.model.training
         self.model.eval()
         try:
             rows = []
-            for candidate in candidates:
-                self.flat.load_into(self.model, candidate)
+            for index in range(len(children)):
+                children.load_into(index, self.model, self.flat)
                 parts = [check_evaluated(self.evaluate(self.model, batch), size) for size, batch in self.batches]
-                rows.append(torch.cat(parts).to(candidates.device))
+                rows.append(torch.cat(parts).to(children.device))
         finally:
             self.model.train(training)
         return torch.stack(rows)
