@@ -110,7 +110,7 @@ def search(
     return merge_models(
         instantiate(cfg.strategy), experiment.seeds, experiment.model, experiment.resources, experiment.tests,
         cfg.forward_passes, score=experiment.score, resource_batch_size=experiment.resource_batch_size,
-        test_every=experiment.test_every, trainer=trainer, callbacks=callbacks, ckpt_path=ckpt_path,
+        block_size=cfg.module.get("block_size"), test_every=experiment.test_every, trainer=trainer, callbacks=callbacks, ckpt_path=ckpt_path,
     )
 
 

@@ -34,6 +34,8 @@ from m2n2_lightning.checks import check_positive_int
 
 #: `test_fn(model, dataset) -> accuracy`, e.g. `tasks.accuracy` (mean exact match).
 AccuracyFn = Callable[[nn.Module, Any], float]
+#: Training steps in one epoch of `LanguageModel`'s pacing dataloader (all ranks together under DDP).
+PACING_STEPS = 1000
 #: The keys of each `MergeResult.curve` row.
 CURVE_KEYS = ("forward_passes", "wall_seconds", "coverage", "fitness_entropy", "best_score")
 
@@ -49,15 +51,18 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         self.model = model
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        return None
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """A constant loss: nothing is learnt (the callback skips the backward pass), and Lightning's DDP
+        refuses a `training_step` that returns None."""
+        return torch.zeros((), device=self.device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.0)  # replaced by the evolution step, never stepped
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        """Paces the training steps only: the candidates are scored on the callback's resources."""
-        return torch.utils.data.DataLoader(range(10**9), batch_size=1)
+        """Paces the training steps only (the candidates are scored on the callback's resources): `PACING_STEPS`
+        steps an epoch, bounded so that DDP's sampler shuffles a small index list (epochs repeat until the budget)."""
+        return torch.utils.data.DataLoader(range(PACING_STEPS), batch_size=1)
 
 
 @dataclass
@@ -187,6 +192,7 @@ def merge_models(
     score: EvaluateFn = exact_match,
     test_fn: AccuracyFn = accuracy,
     resource_batch_size: int = 200,
+    block_size: int | None = None,
     test_every: int = 0,
     trainer: Callable[..., L.Trainer] = quiet_trainer,
     callbacks: Sequence[Callback] = (),
@@ -206,6 +212,8 @@ def merge_models(
         score: `evaluate(model, batch) -> [B]` in [0, 1], the per-prompt score (eq. 5's s_ij).
         test_fn: the accuracy reported on `tests` and on the training resources.
         resource_batch_size: prompts per `score` call.
+        block_size: prompts per evaluator block (`M2N2Callback`); a multiple of `resource_batch_size` gives
+            the same batches, hence bit-identical scores, on any number of DDP ranks.
         test_every: also test the best member every this many evaluations (0: at the start and the end only).
         trainer: a Trainer factory, called with `max_steps` and `callbacks` (default: a quiet Trainer).
         callbacks: more callbacks for the Trainer (checkpoints, progress bar, ...).
@@ -218,7 +226,7 @@ def merge_models(
         raise ValueError("tests must name at least one test set, e.g. {'add': pairs}")
     evolution = M2N2Callback(
         strategy=strategy, init_from=list(seeds), evaluate=score, resources=resources, model=model,
-        resource_batch_size=resource_batch_size, max_forward_passes=evaluations, heatmap=False,
+        resource_batch_size=resource_batch_size, block_size=block_size, max_forward_passes=evaluations, heatmap=False,
     )
     recorder = CurveRecorder(evolution, tests, test_fn, test_every)
     module = LanguageModel(model)

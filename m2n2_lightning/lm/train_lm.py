@@ -78,6 +78,8 @@ def run(cfg: Any, out: Path) -> dict[str, Any]:
     result = search(cfg, experiment, make_trainer, [checkpoints, interrupted, *progress, *user_callbacks], cfg.ckpt_path)
     trainers[0].save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt", weights_only=False)
     summary = summary_of(cfg, result, len(experiment.resources), out)
+    if not trainers[0].is_global_zero:  # under DDP every rank holds the same result: rank zero writes it
+        return summary
     save_merged(experiment.model, out / "best_model")
     write_curve(result.curve, out / "curves.csv")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
