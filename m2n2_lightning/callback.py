@@ -44,17 +44,18 @@ from m2n2_lightning.engine import (
 from m2n2_lightning.evaluator import EvaluateFn
 from m2n2_lightning.optimizer import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
-from m2n2_lightning.resume import ResumeRecord, resource_hash, run_fingerprint
+from m2n2_lightning.resume import ResumeRecord, dataset_hash, resource_hash, run_fingerprint
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
-from m2n2_lightning.merging.seeds import SeedSource, seed_parameters
+from m2n2_lightning.merging.seeds import SeedSource, read_seeds
 from m2n2_lightning.stopping import StopOnSignal
 from m2n2_lightning.strategies import M2N2Strategy
+from m2n2_lightning.strategies.mixture import SeedVectors
 from m2n2_lightning.strategies.base import (
     Strategy,
     StrategySpec,
     build_strategy,
 )
-from m2n2_lightning.checks import check_labels, check_positive_int
+from m2n2_lightning.checks import check_labels, check_positive_int, check_resources
 from m2n2_lightning.takeover import OptimizationTakeover
 
 
@@ -102,8 +103,14 @@ class M2N2Callback(Callback):
         model: the submodule to evolve (default: the LightningModule itself).
         heatmap: at the end of fit, save the member-by-class accuracy heatmap.
         allow_resume_changes: resume from a checkpoint even when the strategy's
-            class or settings, the parameter layout or the resources differ from
-            the checkpoint's (refused by default, naming every difference).
+            class or settings, the parameter layout, the seeds or the resources
+            differ from the checkpoint's (refused by default, naming every difference).
+        best_in_training_step: load the best member into the module before each
+            training step, so that `training_step` monitors it. With `evaluate`,
+            the module holds each child while it is scored; False spares that
+            reload (a whole model written per step) where `training_step` does
+            not read the weights; the best member is then loaded only for
+            validation, checkpoints and the end of fit.
 
     Stopping: SIGINT (Ctrl-C) and SIGTERM during fit stop the run once the
     current training step's evolution steps are done (a second Ctrl-C stops at
@@ -136,6 +143,7 @@ class M2N2Callback(Callback):
         model: nn.Module | None = None,
         heatmap: bool = True,
         allow_resume_changes: bool = False,
+        best_in_training_step: bool = True,
     ) -> None:
         super().__init__()
         if init_from is not None and (isinstance(init_from, (str, Path)) or len(init_from) < 2):
@@ -147,13 +155,7 @@ class M2N2Callback(Callback):
         for name, value in (("max_resources", max_resources), ("chunk_size", chunk_size), ("block_size", block_size)):
             if value is not None:
                 check_positive_int(name, value, 1)
-        if evaluate is not None and (resources is None or isinstance(resources, tuple)):
-            raise ValueError(
-                "evaluate=... scores each candidate on a fixed-order dataset (a Dataset, a list, or a DataLoader): "
-                "pass it as resources=..."
-            )
-        if evaluate is not None and not callable(evaluate):
-            raise ValueError(f"evaluate must be a callable (module, batch) -> scores [B], got {evaluate!r}")
+        resources = check_resources(resources, evaluate)
         self.evaluate = evaluate
         self.resource_batch_size = check_positive_int("resource_batch_size", resource_batch_size, 1)
         self.strategy_spec = strategy if strategy is not None else M2N2Strategy
@@ -168,10 +170,13 @@ class M2N2Callback(Callback):
             "max_forward_passes", max_forward_passes, 1
         )
         self.evolve_frozen = bool(evolve_frozen)
+        self.best_in_training_step = bool(best_in_training_step)
+        #: SHA-256 of each seed's tensors, computed while they were read (with `init_from`, after `setup`).
+        self.seed_digests: list[str] | None = None
         self.model = model
         self.heatmap = heatmap
         self.heatmap_path: Path | None = None
-        self._resume = ResumeRecord(allow_resume_changes)
+        self._resume = ResumeRecord(allow_resume_changes, evaluate)
         self.engine: EvolutionEngine | None = None
         #: Forward passes done before this run (a resumed run starts above 0).
         self.forward_passes_at_start = 0
@@ -200,16 +205,23 @@ class M2N2Callback(Callback):
         flat = FlatParams(target, include_frozen=self.evolve_frozen)
         seeds = None
         if self.init_from is not None:
-            seeds = [self._seed_vector(target, flat, source, i) for i, source in enumerate(self.init_from)]
+            seeds = self._read_seeds(target, flat)
         strategy = build_strategy(self.strategy_spec, flat.num_params, seeds, flat.layout)
         self.engine = EvolutionEngine(
             target, strategy, self.score_fn, self.chunk_size, self.block_size, precision_dtype(trainer), flat
         )
+        self.engine.seed_digests = self.seed_digests
 
-    @staticmethod
-    def _seed_vector(target: nn.Module, flat: FlatParams, source: SeedSource, index: int) -> Tensor:
-        state = seed_parameters(target, source, index, flat.names)
-        return torch.cat([state[name].reshape(-1) for name in flat.names])
+    @torch.no_grad()
+    def _read_seeds(self, target: nn.Module, flat: FlatParams) -> SeedVectors:
+        """The seeds read lazily into one [K, D] stack (their own dtype), checked and hashed as they stream;
+        their buffers (e.g. BatchNorm statistics) are taken from the first seed, into `target`."""
+        seeds = read_seeds(target, flat.names, self.init_from)
+        buffers = dict(target.named_buffers())
+        for name, value in seeds.buffers.items():
+            buffers[name].copy_(value)
+        self.seed_digests = seeds.digests
+        return SeedVectors(list(seeds.vectors), seeds.vectors, seeds.digests)
 
     def optimizer(self, pl_module: L.LightningModule) -> EvolutionOptimizer:
         """The optimizer whose step is `steps_per_batch` evolution steps (what `on_fit_start` installs)."""
@@ -225,12 +237,11 @@ class M2N2Callback(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Attach the resources, insert the first members, take over the optimizer."""
+        self._resume.check_restored(trainer.ckpt_path)
         self.engine.strategy.to(pl_module.device)
         if self.evaluate is not None:
+            self._resume.set_resources(dataset_hash(self.resources))
             self.engine.attach_evaluate(self.resources, self.evaluate, self.resource_batch_size)
-            self._resume.set_resources(
-                f"{self.engine.shard_sizes} examples scored by {getattr(self.evaluate, '__qualname__', self.evaluate)}"
-            )
         else:
             inputs, targets = self._resources(trainer)
             check_labels(targets, getattr(trainer.datamodule, "num_classes", None))
@@ -249,6 +260,25 @@ class M2N2Callback(Callback):
             inputs, targets = datamodule.train_tensors
             return inputs[: self.max_resources], targets[: self.max_resources]
         return collect_resources(trainer.fit_loop._data_source.dataloader(), self.max_resources)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.best_in_training_step:  # `training_step` monitors the best member
+            self.engine.load_best()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._load_best()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The checkpoint's module weights are views of the parameters: the best member is written into them here.
+        self._load_best()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._load_best()
+
+    def _load_best(self) -> None:
+        """Write the best member into the module, unless it holds it (after `start`; nothing before)."""
+        if self.engine is not None and self.engine.strategy.started:
+            self.engine.load_best()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.forward_passes_at_start = self.engine.forward_passes
@@ -293,3 +323,4 @@ class M2N2Callback(Callback):
         made by the same strategy, settings and model; the resources are checked in `on_fit_start`."""
         if state_dict:
             self._resume.load_state_dict(self.engine, state_dict)
+            self.forward_passes_at_start = self.engine.forward_passes  # a finished run resumed: nothing this run

@@ -126,6 +126,8 @@ class EvolutionEngine:
         #: All resource targets, as given (for the per-class metrics).
         self.targets: Tensor | None = None
         self._rate_mark: tuple[float, int] | None = None
+        #: SHA-256 of each seed model's tensors (set by whoever read them; part of the resume fingerprint).
+        self.seed_digests: list[str] | None = None
         #: `best_token()` of the member the model holds (UNKNOWN: a scored child, or nothing loaded yet).
         self._loaded: Any = self.UNKNOWN
 

@@ -119,8 +119,7 @@ class Archive(ScoreTable):
                 cos = ops.cosine(a[i : i + 1], b[i : i + 1]).expand(len(t))
             coef_a, coef_b = (c.flatten().tolist() for c in ops.slerp_weights(cos, t))
             for start, stop, label in child_pieces:
-                torch.mul(a[i, start:stop], coef_a[label], out=child[i, start:stop])
-                child[i, start:stop].add_(b[i, start:stop] * coef_b[label])
+                ops.mix_pair(a[i, start:stop], b[i, start:stop], coef_a[label], coef_b[label], child[i, start:stop])
         return Children(values=child)
 
     def _store(self, slot: int, children: Children, row: int) -> None:
@@ -263,10 +262,14 @@ def build_archive(
 
 def part_cosines(a: Tensor, b: Tensor, pieces: Sequence[Piece], num_labels: int) -> Tensor:
     """cos(Omega) [L] between the sub-vectors of a and b [D] that carry each label (NaN for an empty label)."""
-    sums = a.new_zeros(3, num_labels)
+    wide = a.element_size() >= 4  # 16-bit members: float64 sums (`operators.dot_products`)
+    sums = torch.zeros(3, num_labels, dtype=a.dtype if wide else torch.float64, device=a.device)
     for start, stop, label in pieces:
         x, y = a[start:stop], b[start:stop]
-        sums[:, label] += torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)])
+        if wide:
+            sums[:, label] += torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)])
+        else:
+            sums[:, label] += ops.dot_products(x[None], y[None])[:, 0]
     return sums[0] / (sums[1].sqrt() * sums[2].sqrt())
 
 

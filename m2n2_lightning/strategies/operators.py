@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from m2n2_lightning.strategies.mixture import mix
+
 #: Below this sin(Omega) the SLERP falls back to a plain linear mix.
 SLERP_EPS = 1e-6
 
@@ -92,9 +94,28 @@ def sample_parents(
     return first, second
 
 
+#: Columns summed at a time when 16-bit vectors' dot products are taken in float64.
+DOT_CHUNK = 1 << 20
+
+
+def dot_products(a: Tensor, b: Tensor) -> Tensor:
+    """[3, k]: <a, b>, |a|^2 and |b|^2 per row pair of a, b [k, D]; 16-bit rows are summed in float64,
+    column chunk by column chunk (their own precision would round a cosine near 1 to 1)."""
+    if a.element_size() >= 4:
+        return torch.stack([torch.linalg.vecdot(a, b), torch.linalg.vecdot(a, a), torch.linalg.vecdot(b, b)])
+    sums = torch.zeros(3, a.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[-1], DOT_CHUNK):
+        x, y = a[..., start : start + DOT_CHUNK].double(), b[..., start : start + DOT_CHUNK].double()
+        sums += torch.stack([torch.linalg.vecdot(x, y), torch.linalg.vecdot(x, x), torch.linalg.vecdot(y, y)])
+    return sums
+
+
 def cosine(a: Tensor, b: Tensor) -> Tensor:
     """cos(Omega) = <a/|a|, b/|b|> per row pair of a, b [k, D] (one angle for the whole vectors)."""
-    return torch.linalg.vecdot(a, b) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))
+    if a.element_size() >= 4:  # the reference's formula, in the members' dtype
+        return torch.linalg.vecdot(a, b) / (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1))
+    ab, aa, bb = dot_products(a, b)
+    return ab / (aa.sqrt() * bb.sqrt())
 
 
 def slerp_weights(cos: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -134,6 +155,10 @@ def crossover_draws(
 def combine_by_mask(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, split: Tensor) -> Tensor:
     """c_a a + c_b b with the weights [k, 2] of each child taken before / from its split point [k]."""
     before = torch.arange(a.shape[1], device=a.device) < split.unsqueeze(-1)
+    if a.element_size() < 4:  # 16-bit members: weights and sums in float32, rounded once
+        coef_a, coef_b = coef_a.float(), coef_b.float()
+        child = torch.where(before, coef_a[:, :1], coef_a[:, 1:]).mul_(a)
+        return child.add_(torch.where(before, coef_b[:, :1], coef_b[:, 1:]).mul_(b)).to(a.dtype)
     child = torch.where(before, coef_a[:, :1], coef_a[:, 1:]).mul_(a)
     return child.add_(torch.where(before, coef_b[:, :1], coef_b[:, 1:]).mul_(b))
 
@@ -143,8 +168,16 @@ def combine_by_slices(a: Tensor, b: Tensor, coef_a: Tensor, coef_b: Tensor, spli
     child = torch.empty_like(a)
     for out, a_row, b_row, cut, weights_a, weights_b in zip(child, a, b, split, coef_a.tolist(), coef_b.tolist()):
         for part, columns in enumerate((slice(0, cut), slice(cut, None))):
-            torch.mul(a_row[columns], weights_a[part], out=out[columns]).add_(b_row[columns] * weights_b[part])
+            mix_pair(a_row[columns], b_row[columns], weights_a[part], weights_b[part], out[columns])
     return child
+
+
+def mix_pair(a: Tensor, b: Tensor, weight_a: float, weight_b: float, out: Tensor) -> Tensor:
+    """out = weight_a a + weight_b b: in the members' dtype for 32 and 64 bits (the reference's arithmetic),
+    in float32 rounded once for 16-bit members (`mixture.mix`: rounding each product would cost 3 roundings)."""
+    if a.element_size() < 4:
+        return mix([a, b], [weight_a, weight_b], out)
+    return torch.mul(a, weight_a, out=out).add_(b * weight_b)
 
 
 def mutate(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
