@@ -129,6 +129,7 @@ class CurveRecorder(Callback):
     def test_now(self) -> AccuracyPoint:
         """Every test set's accuracy of the current best member, off the clock."""
         self._tick()
+        self.evolution.engine.load_best()  # the model may hold the last child scored
         model = self.evolution.engine.model
         point = AccuracyPoint(self.evolution.engine.forward_passes, self.seconds,
                           {name: float(self.test_fn(model, data)) for name, data in self.tests.items()})
@@ -227,6 +228,7 @@ def merge_models(
     evolution = M2N2Callback(
         strategy=strategy, init_from=list(seeds), evaluate=score, resources=resources, model=model,
         resource_batch_size=resource_batch_size, block_size=block_size, max_forward_passes=evaluations, heatmap=False,
+        best_in_training_step=False,
     )
     recorder = CurveRecorder(evolution, tests, test_fn, test_every)
     module = LanguageModel(model)
