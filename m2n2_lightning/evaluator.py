@@ -74,7 +74,7 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, candidates: Children | Tensor) -> Tensor:
         """Scores [k, N] of each candidate on each resource (children are made dense [k, D] for the forward)."""
-        candidates = Children.of(candidates).dense()
+        candidates = Children.of(candidates).dense().to(self.targets.device)
         chunks = [candidates] if self.chunk_size is None else candidates.split(self.chunk_size)
         scores = []
         for chunk in chunks:

@@ -150,3 +150,21 @@ def test_the_best_member_is_written_only_when_it_changed_or_is_read(
     # the best: once after the seeds, at the end of fit, and with the monitor before every training step but the
     # first (the module then holds the last child scored); never for a best that the module already holds
     assert len(writes) - scored == (1 + steps if best_in_training_step else 2)
+
+
+def test_host_seeds_stay_in_host_memory() -> None:
+    """host_seeds: the strategy moves (here to "meta", standing in for an accelerator), the seeds do not; a child is
+    written from them into a module wherever its parameters are, with the values of the seeds' own mix."""
+    seeds = [torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)]
+    strategy = M2N2Strategy(40, pop_size=3, init_models=seeds, storage="coefficients", host_seeds=True).to("meta")
+    archive = strategy.archive
+    assert archive.seeds.device.type == "cpu" and archive.scores.device.type == "meta"
+    assert archive.like.device.type == "meta" and archive.like.dtype == torch.float64
+    with pytest.raises(ValueError, match="host_seeds"):
+        M2N2Strategy(40, init_models=seeds, storage="dense", host_seeds=True)
+    back = M2N2Strategy(40, pop_size=3, init_models=seeds, storage="coefficients", host_seeds=True)
+    back.start(lambda children: torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    children = back.ask()
+    module = nn.Linear(8, 5, dtype=torch.float64)
+    children.load_into(0, module, FlatParams(module))
+    assert torch.equal(FlatParams(module).flatten(module), children.dense()[0])

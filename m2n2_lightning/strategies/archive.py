@@ -233,6 +233,7 @@ def build_archive(
     mutation_sigma: float,
     storage_dir: str | None = None,
     dtype: torch.dtype = torch.float32,
+    host_seeds: bool = False,
 ) -> Archive | CoefficientArchive:
     """The archive of `storage` (one of STORAGES), or a ValueError when that storage cannot hold the run.
 
@@ -243,6 +244,8 @@ def build_archive(
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if storage_dir is not None and storage != "mmap":
         raise ValueError(f"storage_dir is where storage='mmap' maps its file; storage is {storage!r}")
+    if host_seeds and storage != "coefficients":
+        raise ValueError(f"host_seeds keeps the seeds of storage='coefficients' in host memory; storage is {storage!r}")
     if storage == "coefficients":
         if seeds is None:
             raise ValueError(
@@ -254,7 +257,7 @@ def build_archive(
                 f"storage='coefficients' cannot hold mutated children (mutation_sigma={mutation_sigma}): a child with "
                 "noise is no mixture of the seeds; set mutation_sigma=0 or use storage='dense', 'host' or 'mmap'"
             )
-        return CoefficientArchive(capacity, num_params, seeds, dtype)
+        return CoefficientArchive(capacity, num_params, seeds, dtype, host_seeds)
     if storage == "dense":
         return Archive(capacity, num_params, dtype)
     return HostArchive(capacity, num_params, dtype, mapped=storage == "mmap", storage_dir=storage_dir)

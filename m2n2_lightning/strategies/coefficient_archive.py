@@ -98,9 +98,11 @@ class CoefficientArchive(ScoreTable):
     """
 
     def __init__(
-        self, capacity: int, num_params: int, seeds: Sequence[Tensor], dtype: torch.dtype | None = None
+        self, capacity: int, num_params: int, seeds: Sequence[Tensor], dtype: torch.dtype | None = None,
+        host_seeds: bool = False,
     ) -> None:
         super().__init__(capacity)
+        self.host_seeds = bool(host_seeds)
         if len(seeds) < 2 or any(seed.shape != (num_params,) for seed in seeds):
             raise ValueError(f"seeds must be two or more vectors of D = {num_params} parameters")
         self.num_params = num_params
@@ -116,8 +118,8 @@ class CoefficientArchive(ScoreTable):
 
     @property
     def like(self) -> Tensor:
-        """A tensor of the children's dtype and device (for random draws and casts)."""
-        return self.seeds
+        """A tensor of the children's dtype on the strategy's device (for random draws and casts)."""
+        return self.seeds if not self.host_seeds else self.scores.new_empty(0, dtype=self.seeds.dtype)
 
     def _children(self, forms: Sequence[Form]) -> Children:
         return Children(forms=forms, seeds=self.seeds, owner=self)
@@ -214,9 +216,16 @@ class CoefficientArchive(ScoreTable):
             offset, row = offset + count, row + count + 1
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> CoefficientArchive:
-        dtype = self.seeds.dtype
-        super()._apply(fn, *args, **kwargs)
-        if self.seeds.dtype != dtype:  # cast from the given seeds, not from the buffer's rounded values
-            self.seeds = self._sources.stack(self.seeds.dtype, self.seeds.device)
+        seeds = self.seeds
+        if self.host_seeds:  # the seeds stay in host memory: Module._apply skips a None buffer
+            self._buffers["seeds"] = None
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            if self.host_seeds:
+                self._buffers["seeds"] = seeds
+        dtype = fn(seeds[:, :0]).dtype  # what the conversion asks for, read off an empty view
+        if dtype != seeds.dtype:  # cast from the given seeds, not from the buffer's rounded values
+            self.seeds = self._sources.stack(dtype, seeds.device if self.host_seeds else fn(seeds[:, :0]).device)
         self._grams = SeedGrams(self.seeds)  # the Grams are of the seeds as held: computed again
         return self

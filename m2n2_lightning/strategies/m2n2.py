@@ -91,6 +91,9 @@ class M2N2Strategy(PopulationStrategy):
             device), or "coefficients" (mixtures of `init_models`: the seeds
             once and kilobytes per member; refused with mutation).
         storage_dir: the directory of the "mmap" file (None: the temporary one).
+        host_seeds: with "coefficients", keep the seeds in host memory when the
+            strategy moves to an accelerator: the device then holds only the
+            module each child is written into (tensor by tensor, over the bus).
         dtype: the members' and children's dtype (None: the seeds' own, e.g.
             bfloat16 for bf16 checkpoints, else float32); the SLERP angles are
             computed in float64 whatever it is.
@@ -115,6 +118,7 @@ class M2N2Strategy(PopulationStrategy):
         slerp_angle: str = "whole",
         storage: str = "dense",
         storage_dir: str | None = None,
+        host_seeds: bool = False,
         **population: Any,
     ) -> None:
         super().__init__(num_params, **population)
@@ -143,7 +147,8 @@ class M2N2Strategy(PopulationStrategy):
         self.use_split_point = bool(use_split_point)
         self.storage = storage
         self.archive = build_archive(
-            storage, self.pop_size, self.num_params, self.init_models, self.mutation_sigma, storage_dir, self.dtype
+            storage, self.pop_size, self.num_params, self.init_models, self.mutation_sigma, storage_dir, self.dtype,
+            host_seeds,
         )
 
     @property
