@@ -165,6 +165,6 @@ def test_host_seeds_stay_in_host_memory() -> None:
     back = M2N2Strategy(40, pop_size=3, init_models=seeds, storage="coefficients", host_seeds=True)
     back.start(lambda children: torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     children = back.ask()
-    module = nn.Linear(8, 5, dtype=torch.float64)
+    module = nn.Linear(7, 5, dtype=torch.float64)  # 35 + 5 = 40 parameters
     children.load_into(0, module, FlatParams(module))
     assert torch.equal(FlatParams(module).flatten(module), children.dense()[0])
