@@ -85,6 +85,8 @@ class Children:
     @torch.no_grad()
     def load_into(self, index: int, module: nn.Module, flat: FlatParams) -> nn.Module:
         """Write child `index` straight into `module`'s parameters, tensor by tensor (no [D] copy beside them)."""
+        if flat.num_params != self.num_params:
+            raise ValueError(f"children of D = {self.num_params} parameters cannot be loaded into a module of {flat.num_params}")
         return flat.write_into(module, lambda start, stop, out: self.write(index, start, stop, out))
 
     def to_dense(self) -> Children:
