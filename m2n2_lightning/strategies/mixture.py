@@ -25,7 +25,7 @@ from torch import Tensor
 #: A member: breakpoints int64 [B] and coefficient table float64 [B + 1, K], on the host.
 Form = tuple[Tensor, Tensor]
 #: Coordinates mixed at a time: two float32 temporaries of 256 KiB that stay in a core's cache
-#: (1.6x faster than 4 MiB ones here: benchmarks/RESULTS.md, "Merging at real size").
+#: (timings against other sizes: benchmarks/RESULTS.md, "Merging at real size").
 MIX_CHUNK = 1 << 16
 
 
