@@ -21,10 +21,12 @@ For your own models, change three things in `main`:
 - `score` (and `test_fn`): `score(model, batch) -> [B]` in [0, 1], one score per prompt of a DataLoader
   batch of `resources` (for GSM8K: generate with your tokenizer and chat template, parse the final number,
   compare); `test_fn(model, dataset) -> float`, its mean over a test set.
-Memory: with `storage="coefficients"` the archive holds the seeds once and each member as a few
-coefficients, so a merge of two 7B models in bf16 (14 GB each) needs about four copies of one model
-(the two seeds, the model that scores a candidate, the candidate being built: some 55 GB) plus the
-activations of generation, instead of 15 archive members more (a dense archive: another 210 GB).
+Memory: with `storage="coefficients"` the archive holds the seeds once, in their own dtype, and each
+member as a few coefficients; a candidate is written straight into the model's parameters. Two 7B
+models in bf16 (13.5 GB each) then need three copies of one model, about 41 GB (the two seeds and the
+model that scores a candidate), plus the activations of generation; with `host_seeds=True` the seeds
+stay in host memory (27 GB) and the GPU holds the one model. A dense archive of 15 would add 200 GB.
+The figures, measured at 0.5B and on paper at 7B: benchmarks/RESULTS.md, "Merging at real size".
 Time is the scores: 1,000 evaluations of 1,319 generated answers each.
 """
 
