@@ -123,7 +123,8 @@ def test_lightning_checkpoints(original: GPT2LMHeadModel, tmp_path: Path) -> Non
 def test_state_dict_safetensors_and_module_sources(original: GPT2LMHeadModel, tmp_path: Path) -> None:
     torch.save(original.state_dict(), tmp_path / "seed.pt")
     save_model(original, str(tmp_path / "seed.safetensors"))
-    for source in (tmp_path / "seed.pt", tmp_path / "seed.safetensors", original, Wrapper(original)):
+    for source in (tmp_path / "seed.pt", tmp_path / "seed.safetensors", original, Wrapper(original),
+                   original.state_dict()):  # issue 24: a state_dict in memory is a seed too
         assert_params_equal(seed_parameters(gpt2(seed=1), source, index=2), original)
     got = seed_parameters(gpt2(seed=1), original)
     got["transformer.wte.weight"].add_(1.0)  # a copy: the source module is untouched

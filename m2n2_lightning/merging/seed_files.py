@@ -10,7 +10,6 @@ mapped while the store lives; older non-zip pickles are loaded whole. Pickles ar
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -95,7 +94,7 @@ def open_source(source: SeedSource, index: int) -> TensorStore:
         store.add_tensors(_checked_state(source, store.label))
         return store
     if not isinstance(source, str | os.PathLike):
-        raise ValueError(f"init_from[{index}] is a {type(source).__name__}; expected {ACCEPTED}")
+        raise TypeError(f"init_from[{index}] is a {type(source).__name__}; expected {ACCEPTED}")
     path = Path(source)
     if not path.exists() and isinstance(source, str) and _HUB_ID.match(source) and not source.endswith(_SUFFIXES):
         label = f"init_from[{index}] (hub id {source!r})"
@@ -153,7 +152,8 @@ def _open_file(path: Path, label: str) -> TensorStore:
 
         try:
             with safe_open(path, framework="pt") as f:
-                for key in f.keys():
+                keys = f.keys()  # a safe_open is not iterable
+                for key in keys:
                     part = f.get_slice(key)
                     name = part.get_dtype()
                     store.dtypes[key] = getattr(torch, _SAFETENSORS_DTYPES.get(name, ""), name)

@@ -18,8 +18,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from m2n2_lightning.merging.seed_files import ACCEPTED, HUB_PATTERNS, WEIGHT_FILES, SeedSource, open_source
-from m2n2_lightning.merging.seed_names import is_float, listing, match_names, parameter_aliases, unexpected_keys
+from m2n2_lightning.merging.seed_files import (
+    ACCEPTED,
+    HUB_PATTERNS,
+    WEIGHT_FILES,
+    SeedSource,
+    open_source,
+)
+from m2n2_lightning.merging.seed_names import (
+    is_float,
+    listing,
+    match_names,
+    parameter_aliases,
+    unexpected_keys,
+)
+
+#: Elements counted for non-finite values at a time (isfinite's temporaries stay small).
+_CHUNK = 1 << 22
 
 __all__ = [
     "ACCEPTED", "HUB_PATTERNS", "WEIGHT_FILES", "SeedReader", "SeedSet", "SeedSource", "read_seeds",
@@ -49,6 +64,8 @@ class SeedReader:
         expected = {**{n: params[n] for n in self.names}, **{b: state[b] for b in buffers}}
         self._keys = {**assignment, **buffers}
         self._buffers = list(buffers)
+        for n, key in self._keys.items():  # first: a quantised seed also holds scales that match nothing
+            _check_float(self.label, store.where(key), key, n, store.dtypes[key], expected[n].dtype)
         missing = [n for n in self.names if n not in assignment]
         unexpected = unexpected_keys(module, store, set(self._keys.values()), strip, add)
         shapes = [
@@ -60,8 +77,6 @@ class SeedReader:
         if problems:
             mapping = f" (source names mapped by stripping {strip!r} and adding {add!r})" if strip or add else ""
             raise ValueError(f"{self.label} does not match {type(module).__name__}{mapping}; " + "; ".join(problems))
-        for n, key in self._keys.items():
-            _check_float(self.label, store.where(key), key, n, store.dtypes[key], expected[n].dtype)
         self._digest = hashlib.sha256()
 
     def dtype(self, name: str) -> torch.dtype:
@@ -75,8 +90,8 @@ class SeedReader:
         """
         key = self._key(name)
         value = self._store.read(key).to("cpu")
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        if not _all_finite(value):
+            bad = sum(int((~torch.isfinite(_wide(chunk))).sum()) for chunk in value.reshape(-1).split(_CHUNK))
             raise ValueError(
                 f"{self.label}: tensor {key!r} ({self._store.where(key)}) for {name} holds {bad} non-finite "
                 f"values (NaN or Inf) of {value.numel()}; expected finite weights (one NaN or Inf turns every "
@@ -168,3 +183,18 @@ def _check_float(label: str, where: str, key: str, name: str, dtype: torch.dtype
         f"expected {wanted} weights: integer and quantised tensors cannot be merged as they are (their scales "
         "live elsewhere): dequantise the seed first (load it in transformers and save_pretrained it in bfloat16)"
     )
+
+
+def _all_finite(value: Tensor) -> bool:
+    """Whether every element of `value` is finite, in one pass: NaN and +-Inf all show in its minimum or maximum."""
+    if value.numel() == 0:
+        return True
+    if value.is_floating_point() and value.itemsize >= 2:
+        low, high = torch.aminmax(value)  # 10 times faster than isfinite(...).all() on bf16, no [numel] temporary
+        return bool(torch.isfinite(low) & torch.isfinite(high))
+    return all(bool(torch.isfinite(_wide(chunk)).all()) for chunk in value.reshape(-1).split(_CHUNK))
+
+
+def _wide(chunk: Tensor) -> Tensor:
+    """`chunk` in a dtype isfinite handles (8-bit floats are widened)."""
+    return chunk.float() if chunk.is_floating_point() and chunk.itemsize < 2 else chunk
