@@ -126,14 +126,16 @@ def digits() -> DigitsDataModule:
 
 from m2n2_lightning.strategies import operators as _ops
 from m2n2_lightning.strategies.archive import Archive
+from m2n2_lightning.strategies.children import Children
 
 
 def start_with_scores(strategy, scores) -> Tensor:
     """`strategy.start(...)` with a score function that returns `scores` (a [m, N] tensor, or a function of the
-    candidates giving one); returns a copy of the initial members [m, D] that the strategy asked to be scored."""
+    candidates [m, D] giving one); returns a copy of the initial members [m, D] that the strategy asked to be scored."""
     seen: list[Tensor] = []
 
-    def score(candidates: Tensor) -> Tensor:
+    def score(children: Children) -> Tensor:
+        candidates = children.dense()
         seen.append(candidates.clone())
         return scores(candidates) if callable(scores) else scores
 
@@ -167,11 +169,11 @@ def crossover(a: torch.Tensor, b: torch.Tensor, generator: torch.Generator, use_
     """Split-point SLERP children of the row pairs (a[i], b[i]), as a strategy makes them."""
     archive = archive_of(torch.cat([a, b]))
     split, weight = _ops.crossover_draws(len(a), a.shape[1], generator, use_split_point, archive.like)
-    return archive.crossover(torch.arange(len(a)), torch.arange(len(a), 2 * len(a)), split, weight)
+    return archive.crossover(torch.arange(len(a)), torch.arange(len(a), 2 * len(a)), split, weight).dense()
 
 
 def replace_worst(members, scores, occupied, child, child_scores, alpha: float) -> torch.Tensor:
     """The replace-the-worst update on plain tensors, in place; returns the dropped row (P: the child)."""
     worst = _ops.worst_after_insert(scores, child_scores, alpha)
-    archive_of(members, scores, occupied).write(worst, child, child_scores)
+    archive_of(members, scores, occupied).write(worst, Children.of(child.unsqueeze(0)), 0, child_scores)
     return worst

@@ -8,16 +8,22 @@ import pytest
 import torch
 
 from m2n2_lightning.strategies.archive import Archive
+from m2n2_lightning.strategies.children import Children
+
+
+def member(value: float) -> Children:
+    """One dense child [1, 3] of all `value`s (written as row 0)."""
+    return Children.of(torch.full((1, 3), value))
 
 
 def started_archive() -> Archive:
     """Archive(4, 3) with N = 5 and two rows written by hand: slot 2 = 7s, slot 0 = -1s."""
     archive = Archive(4, 3)
     archive.allocate(5)
-    archive.write(torch.tensor(2), torch.full((3,), 7.0), torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
-    archive.write(torch.tensor(0), torch.full((3,), -1.0), torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
-    archive.write(torch.tensor(4), torch.full((3,), 9.0), torch.ones(5))  # slot P: the newcomer lost
-    archive.write(torch.tensor(1), torch.full((3,), 9.0), torch.ones(5), accept=torch.tensor(False))
+    archive.write(torch.tensor(2), member(7.0), 0, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]))
+    archive.write(torch.tensor(0), member(-1.0), 0, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
+    archive.write(torch.tensor(4), member(9.0), 0, torch.ones(5))  # slot P: the newcomer lost
+    archive.write(torch.tensor(1), member(9.0), 0, torch.ones(5), accept=torch.tensor(False))
     return archive
 
 
@@ -43,7 +49,7 @@ def test_unstarted_archive_takes_n_from_a_started_archives_state_dict() -> None:
     # and continues like the original
     original = started_archive()
     for archive in (original, fresh):
-        archive.write(torch.tensor(3), torch.full((3,), 4.0), torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
+        archive.write(torch.tensor(3), member(4.0), 0, torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
     assert torch.equal(fresh.members, original.members) and torch.equal(fresh.scores, original.scores)
 
 

@@ -60,7 +60,7 @@ def started(**kwargs) -> CMAESStrategy:
 
 def step(strategy: CMAESStrategy) -> torch.Tensor:
     """Ask one generation and tell its far_target_scores; the candidates."""
-    candidates = strategy.ask()
+    candidates = strategy.ask().dense()
     strategy.tell(candidates, far_target_scores(candidates))
     return candidates
 
@@ -157,7 +157,7 @@ def test_converges_on_the_sphere_like_pycma() -> None:
         for _ in range(generations):
             solutions = np.array(es.ask())
             es.tell(list(solutions), list(((solutions - centre) ** 2).sum(axis=1)))
-            candidates = ours.ask()
+            candidates = ours.ask().dense()
             ours.tell(candidates, torch.exp(-((candidates - centre) ** 2).sum(dim=1, keepdim=True)))
         pycma_f.append(((es.mean - centre) ** 2).sum())
         ours_f.append(((ours.mean - centre) ** 2).sum().item())
@@ -203,7 +203,7 @@ def test_mismatched_state_dicts_raise_a_value_error_naming_the_difference() -> N
 def test_tpa_asks_a_mirrored_pair_along_the_mean_shift() -> None:
     strategy = started(num_params=5, popsize=10, sigma_adaptation="tpa", candidate_dtype=torch.float64)
     step(strategy)
-    second = strategy.ask()
+    second = strategy.ask().dense()
     up, down = second[0] - strategy.mean, second[1] - strategy.mean
     torch.testing.assert_close(up, -down)
     cosine = torch.nn.functional.cosine_similarity(up, strategy.mean_shift, dim=0)
@@ -212,10 +212,10 @@ def test_tpa_asks_a_mirrored_pair_along_the_mean_shift() -> None:
 
 def test_ask_returns_one_generation_in_the_candidate_dtype_and_the_state_dtype() -> None:
     strategy = started(num_params=7, seed=1)
-    candidates = strategy.ask()
+    candidates = strategy.ask().dense()
     assert candidates.shape == (20, 7) and candidates.dtype == torch.float32
     assert strategy.mean.dtype == torch.float64
-    assert torch.equal(candidates, started(num_params=7, seed=1).ask())
+    assert torch.equal(candidates, started(num_params=7, seed=1).ask().dense())
     # x0 ~ N(0, 0.01^2) and steps of sigma0 = 0.01 around it.
     assert 0.001 < strategy.mean.std().item() < 0.03
     assert 0.001 < (candidates.double() - strategy.mean).std().item() < 0.03
@@ -234,7 +234,7 @@ def test_best_params_is_the_best_candidate_told_and_population_the_last_generati
     assert torch.equal(strategy.best_params(), torch.full((3,), 0.5))  # the mean before any tell
     scores, fitness = strategy.population()
     assert scores.numel() == 0 and fitness.numel() == 0
-    candidates = strategy.ask()
+    candidates = strategy.ask().dense()
     strategy.tell(candidates, torch.tensor([[0.2, 0.4], [0.9, 0.7], [0.9, 0.7], [0.1, 0.0]]))
     assert torch.equal(strategy.best_params(), candidates[1])
     later, told = strategy.ask(), torch.rand(4, 2) / 2
@@ -286,7 +286,7 @@ def test_settings_start_and_bad_calls() -> None:
     strategy = started(num_params=3, popsize=6)
     with pytest.raises(ValueError, match="popsize"):
         strategy.ask(5)
-    candidates = strategy.ask(6)
+    candidates = strategy.ask(6).dense()
     with pytest.raises(ValueError, match="popsize"):
         strategy.tell(candidates[:5], torch.rand(5, 2))
     with pytest.raises(ValueError):

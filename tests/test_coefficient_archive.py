@@ -4,6 +4,7 @@ dense members in host memory or a memory-mapped file ("host", "mmap"), bit for b
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def run_side_by_side(dense: M2N2Strategy, coefficients: M2N2Strategy, steps: int
     coefficients.start(lambda members: first)
     for step in range(steps):
         children, mixtures = dense.ask(), coefficients.ask()
-        torch.testing.assert_close(mixtures, children, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(mixtures.dense(), children.dense(), rtol=1e-9, atol=1e-9)
         scores = told_scores(generator, len(children), kind)
         dropped = [int(s._dropped_row(scores[0])) for s in (dense, coefficients)]
         assert dropped[0] == dropped[1]
@@ -113,7 +114,7 @@ def test_a_resumed_coefficient_archive_continues_exactly() -> None:
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for _ in range(120):
         children, again = whole.ask(), resumed.ask()
-        assert torch.equal(children, again)
+        assert torch.equal(children.dense(), again.dense())
         scores = told_scores(generator, 1, "binary")
         whole.tell(children, scores)
         resumed.tell(again, scores)
@@ -162,9 +163,19 @@ def test_refusals() -> None:
     other = M2N2Strategy(D, pop_size=4, init_models=seed_models(2, D)[::-1], storage="coefficients")
     with pytest.raises(ValueError, match="other seed models"):
         other.load_state_dict(state)
+    nudged = [seed.clone() for seed in seeds]  # one value one ulp away: the SHA-256 of the seeds' bytes differs
+    nudged[1][0] = torch.nextafter(nudged[1][0], torch.tensor(math.inf, dtype=torch.float64))
+    with pytest.raises(ValueError, match="other seed models"):
+        M2N2Strategy(D, pop_size=4, init_models=nudged, storage="coefficients").load_state_dict(state)
     child = strategy.ask()
-    with pytest.raises(ValueError, match="not the child made there"):
-        strategy.tell(child + 1, torch.ones(1, N))
+    # a coefficient archive stores only its own children: neither a tensor of values nor another archive's children
+    with pytest.raises(ValueError, match="stores only the children it made"):
+        strategy.tell(child.dense() + 1, torch.ones(1, N))
+    twin = M2N2Strategy(D, pop_size=4, init_models=seeds, storage="coefficients")
+    twin.start(lambda members: torch.eye(2, N))
+    with pytest.raises(ValueError, match="stores only the children it made"):
+        strategy.tell(twin.ask(), torch.ones(1, N))
+    assert strategy.forward_passes == 0 and strategy.occupied.sum() == 2
 
 
 @pytest.mark.parametrize("storage", ["host", "mmap"])
@@ -180,7 +191,7 @@ def test_host_and_mapped_members_are_bit_identical_to_dense(storage: str, tmp_pa
     other.start(lambda members: first)
     for _ in range(60):
         children = dense.ask()
-        assert torch.equal(children, other.ask())
+        assert torch.equal(children.dense(), other.ask().dense())
         scores = told_scores(generator, 1, "binary")
         dense.tell(children, scores)
         other.tell(children, scores)
@@ -189,7 +200,7 @@ def test_host_and_mapped_members_are_bit_identical_to_dense(storage: str, tmp_pa
     assert state.keys() == other.state_dict().keys()
     resumed = M2N2Strategy(500, pop_size=6, seed=3, storage=storage, **extra).double()
     resumed.load_state_dict(state)  # a dense checkpoint resumes in host or mapped storage
-    assert torch.equal(resumed.ask(), dense.ask())
+    assert torch.equal(resumed.ask().dense(), dense.ask().dense())
 
 
 def test_host_members_stay_on_the_host() -> None:

@@ -11,6 +11,7 @@ from conftest import archive_of, split_point_ratios_reference
 from m2n2_lightning import M2N2Strategy
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.archive import Archive
+from m2n2_lightning.strategies.children import Children
 
 
 # ------------------------------------------------------------------ the plain M2N2 step, written out
@@ -55,13 +56,13 @@ def test_strategy_steps_equal_the_plain_formulas_float64() -> None:
     g = torch.Generator().manual_seed(7)
     truth = torch.Generator().manual_seed(99)
     initial = []
-    strategy.start(lambda members: initial.append(members) or (torch.rand(2, N, generator=truth) < 0.3).double())
+    strategy.start(lambda members: initial.append(members.dense()) or (torch.rand(2, N, generator=truth) < 0.3).double())
     assert torch.equal(initial[0], 0.01 * torch.randn(2, D, generator=g, dtype=torch.float64))
     for step in range(150):
         k = 1 + step % 3
         archive, scores, occupied = strategy.archive.members.clone(), strategy.scores.clone(), strategy.occupied.clone()
         children = strategy.ask(k)
-        torch.testing.assert_close(children, plain_ask(archive, scores, occupied, k, g), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(children.dense(), plain_ask(archive, scores, occupied, k, g), rtol=1e-12, atol=1e-15)
         strategy.tell(children, (torch.rand(k, N, generator=truth) < 0.3).double())
 
 
@@ -89,7 +90,7 @@ def test_crossover_two_value_weights_equal_per_entry_slerp_float64() -> None:
     for use_split_point in (True, False):
         g = torch.Generator().manual_seed(4)
         split, weight = ops.crossover_draws(6, 50, g, use_split_point, archive.like)
-        child = archive.crossover(first, second, split, weight)
+        child = archive.crossover(first, second, split, weight).dense()
         g = torch.Generator().manual_seed(4)
         split = torch.randint(0, 50, (6,), generator=g) if use_split_point else None
         w = torch.rand(6, generator=g, dtype=torch.float64)
@@ -122,7 +123,7 @@ def test_cpu_row_copies_equal_device_selects(monkeypatch) -> None:
             archive.scores.copy_(scores0)
             archive.occupied.copy_(torch.tensor([True, True, False]))
             worst = ops.worst_after_insert(archive.scores, child_scores, 1.0)
-            archive.write(worst, torch.full((2,), 9.0), child_scores, accept)
+            archive.write(worst, Children.of(torch.full((1, 2), 9.0)), 0, child_scores, accept)
             results.append((archive.members, archive.scores, archive.occupied))
         for host, device in zip(*results):
             assert torch.equal(host, device)
@@ -166,9 +167,9 @@ def test_archive_crossover_by_slices_equals_by_mask_bitwise(monkeypatch, dtype: 
     for name in ("combine_by_slices", "combine_by_mask"):
         original = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *args, _f=original, _n=name: used.append(_n) or _f(*args))
-    on_host = archive.crossover(first, second, split, weight)
+    on_host = archive.crossover(first, second, split, weight).dense()
     force_device_path(monkeypatch)
-    on_device = archive.crossover(first, second, split, weight)
+    on_device = archive.crossover(first, second, split, weight).dense()
     assert used == ["combine_by_slices", "combine_by_mask"]  # each path ran once
     assert torch.equal(on_host, on_device)
     # and both are the per-entry SLERP of the definition
@@ -203,4 +204,4 @@ def test_whole_runs_on_the_device_path_equal_the_host_path_bitwise(monkeypatch, 
     for name in ("members", "scores", "occupied"):
         assert torch.equal(getattr(host.archive, name), getattr(device.archive, name)), name
     assert host.occupied.sum() >= 3 and host.forward_passes == device.forward_passes == 240
-    assert torch.equal(host.ask(), device.ask())
+    assert torch.equal(host.ask().dense(), device.ask().dense())
