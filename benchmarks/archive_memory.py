@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from m2n2_lightning import FlatParams, M2N2Strategy
+from m2n2_lightning.strategies.children import Children
 
 WIDTH, DEPTH, BATCH, CLASSES = 1024, 10, 32, 10
 POP_SIZES = (5, 20, 80)
@@ -66,11 +67,11 @@ def measure(storage: str, pop_size: int) -> dict[str, float]:
     targets = torch.randint(0, CLASSES, (BATCH,), generator=torch.Generator().manual_seed(4))
 
     @torch.no_grad()
-    def score(candidates: torch.Tensor) -> torch.Tensor:
-        """Correctness of the first CLASSES outputs on the batch, candidate by candidate (one working model)."""
+    def score(children: Children) -> torch.Tensor:
+        """Correctness of the first CLASSES outputs on the batch, child by child (each written into one working model)."""
         rows = []
-        for candidate in candidates:
-            flat.load_into(model, candidate)
+        for index in range(len(children)):
+            children.load_into(index, model, flat)
             rows.append((model(inputs)[:, :CLASSES].argmax(dim=1) == targets).float())
         return torch.stack(rows)
 
