@@ -22,7 +22,7 @@ step, the resources, the logging, the checkpoint state and DDP.
 from __future__ import annotations
 
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +146,9 @@ class M2N2Callback(Callback):
         best_in_training_step: bool = True,
     ) -> None:
         super().__init__()
-        if init_from is not None and (isinstance(init_from, (str, Path)) or len(init_from) < 2):
+        if init_from is not None and not isinstance(init_from, (str, Path, Mapping)) and isinstance(init_from, Iterable):
+            init_from = list(init_from)  # a generator is read once, here
+        if init_from is not None and (not isinstance(init_from, list | tuple) or len(init_from) < 2):
             raise ValueError(f"init_from must be a list of two or more seed models, got {init_from!r}")
         if init_from is not None and isinstance(strategy, Strategy):
             # here, not in setup: build_strategy refuses seeds for a built strategy (a ValueError naming the fix)

@@ -168,3 +168,33 @@ def test_host_seeds_stay_in_host_memory() -> None:
     module = nn.Linear(7, 5, dtype=torch.float64)  # 35 + 5 = 40 parameters
     children.load_into(0, module, FlatParams(module))
     assert torch.equal(FlatParams(module).flatten(module), children.dense()[0])
+
+
+def test_init_from_a_generator_of_state_dicts() -> None:
+    """Seeds given as in-memory state_dicts, through a generator (read once), merge like the modules themselves."""
+    torch.manual_seed(0)
+    sources = [nn.Linear(4, 3), nn.Linear(4, 3)]
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    module = nn.Linear(4, 3)
+    results = []
+    for init_from in ((m.state_dict() for m in sources), sources):
+        callback = M2N2Callback(strategy=functools.partial(M2N2Strategy, pop_size=3, seed=0), init_from=init_from,
+                                resources=(x, y), model=module)
+        assert isinstance(callback.init_from, list) and len(callback.init_from) == 2
+
+        class Wrapped(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = module
+
+            def training_step(self, batch: object, batch_idx: int) -> Tensor:
+                return torch.zeros(())
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        trainer = L.Trainer(max_steps=3, callbacks=[callback], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False)
+        trainer.fit(Wrapped(), DataLoader(TensorDataset(x, y), batch_size=4))
+        results.append(FlatParams(module).flatten(module).clone())
+    assert torch.equal(results[0], results[1])
