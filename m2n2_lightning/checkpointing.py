@@ -7,7 +7,8 @@
   `weights_only=True` (a crafted pickle cannot run code).
 - `InterruptCheckpoint`: the checkpoint written when a run stops on a signal
   or an exception, only once this run has made an evolution step (a failure
-  before that leaves nothing that could be mistaken for progress).
+  before that leaves nothing that could be mistaken for progress); on a full
+  disk it names the newest checkpoint to resume from instead of writing.
 
 What a checkpoint holds for evolution, and what a resume checks, is
 `m2n2_lightning.resume`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import socket
 import tempfile
@@ -29,6 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from m2n2_lightning.checks import is_disk_full
 from m2n2_lightning.distributed import RankTimeoutError
 from m2n2_lightning.stopping import SignalStop
 
@@ -100,6 +103,18 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     return content
 
 
+def disk_full_message(folder: Path) -> str:
+    """What to do when the disk holding `folder` is full: free space, then resume from its newest checkpoint
+    (every checkpoint there is whole: they are written beside their target and renamed over it)."""
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    found = sorted(folder.glob("*.ckpt"), key=lambda path: path.stat().st_mtime) if folder.exists() else []
+    resume = f"resume with ckpt_path={found[-1]}" if found else "no checkpoint was written yet: start again"
+    return (
+        f"Failed: the disk holding {folder} is full ({free:,} bytes free); no interrupt checkpoint written. "
+        f"Free some space, then {resume}"
+    )
+
+
 def use_atomic_checkpoints(trainer: L.Trainer) -> None:
     """Give the trainer `AtomicCheckpointIO` where it has Lightning's default checkpoint IO."""
     strategy = trainer.strategy
@@ -133,6 +148,9 @@ class InterruptCheckpoint(Callback):
         )
         if self._start_step is None or trainer.global_step <= self._start_step:
             rank_zero_info(f"{cause} before this run's first training step: no interrupt checkpoint written")
+            return
+        if is_disk_full(exception):  # another write would fail too: name the newest whole checkpoint instead
+            rank_zero_info(disk_full_message(self.path.parent))
             return
         if isinstance(exception, RankTimeoutError):
             if trainer.is_global_zero:

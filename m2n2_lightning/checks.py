@@ -112,9 +112,7 @@ def report_in_one_line(task: Callable[..., Any]) -> Callable[..., Any]:
         except (ValueError, ModuleNotFoundError, FileNotFoundError, OSError) as err:
             if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and not is_disk_full(err):
                 raise
-            raise BadRunInput(
-                f"Error: {err}\n(Set the environment variable HYDRA_FULL_ERROR=1 for the traceback.)"
-            ) from err
+            raise BadRunInput(str(err)) from err  # Hydra adds the line about HYDRA_FULL_ERROR=1
 
     wrapped.__signature__ = inspect.signature(task)  # type: ignore[attr-defined]
     return wrapped

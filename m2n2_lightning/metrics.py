@@ -6,6 +6,7 @@ the paper's correctness scores: answered correctly).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -45,8 +46,9 @@ def class_accuracy(scores: Tensor, targets: Tensor, num_classes: int) -> Tensor:
 
 def save_heatmap(matrix: Tensor, path: str | Path, title: str = "error rate per class on the training resources"):
     """Save a [P, C] member-by-class accuracy matrix as a PNG heatmap of the error rate (1 - accuracy) on a
-    logarithmic colour scale from 0.1% to 100%, so that members near the top (95% vs 99%) stay apart; each
-    cell is annotated with its accuracy. Returns the matplotlib figure."""
+    logarithmic colour scale over the errors present (at least a decade, within 0.1%-100%), so that members
+    near the top (95% vs 99%) stay apart and a low-accuracy run is not all dark; each cell is annotated with
+    its accuracy, in white on dark cells. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,11 +59,13 @@ def save_heatmap(matrix: Tensor, path: str | Path, title: str = "error rate per 
     values = matrix.detach().float().cpu().numpy()
     errors = (1.0 - values).clip(1e-3, 1.0)
     fig, ax = plt.subplots(figsize=(1.5 + 0.6 * values.shape[1], 1.2 + 0.32 * values.shape[0]))
-    image = ax.imshow(errors, norm=LogNorm(vmin=1e-3, vmax=1.0), cmap="magma_r", aspect="auto")
+    low = min(float(errors.min()), 0.1)
+    norm = LogNorm(vmin=low, vmax=max(float(errors.max()), 10 * low))
+    image = ax.imshow(errors, norm=norm, cmap="magma_r", aspect="auto")
     if values.size <= 400:
         for (row, column), value in np.ndenumerate(values):
-            ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
-                    color="white" if errors[row, column] > 0.1 else "black")
+            ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=8 if values.size <= 200 else 6,
+                    color="white" if norm(errors[row, column]) > 0.55 else "black")
     ax.set_xlabel("class")
     ax.set_ylabel("member (best first)")
     ax.set_xticks(range(values.shape[1]))
@@ -74,39 +78,36 @@ def save_heatmap(matrix: Tensor, path: str | Path, title: str = "error rate per 
     return fig
 
 
-def save_accuracy_curves(metrics_csv: str | Path, path: str | Path, test_acc: float | None = None) -> Path | None:
-    """Plot the best member's training score, the validation accuracy and the final test accuracy against
-    forward passes, from a CSVLogger's metrics.csv; None when the file has no such rows."""
-    import csv
+#: The curves of the accuracy plot, and their legends.
+CURVES = {"train/best_score": "best member, training accuracy", "val/acc": "best member, validation accuracy"}
 
+
+def save_accuracy_plot(
+    series: Mapping[str, Sequence[Sequence[float]]], path: str | Path, test_acc: float | None = None, title: str = ""
+) -> Path | None:
+    """Plot (forward passes, accuracy) points of `CURVES` and the final test accuracy, with a title; None when
+    there is no training point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(Path(metrics_csv).open()))
-    series: dict[str, list[tuple[float, float]]] = {"train/best_score": [], "val/acc": []}
-    last_passes = 0.0
-    for row in rows:
-        if row.get("forward_passes"):
-            last_passes = float(row["forward_passes"])
-        for key, points in series.items():
-            if row.get(key):
-                points.append((last_passes, float(row[key])))
-    if not series["train/best_score"]:
+    if not series.get("train/best_score"):
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    labels = {"train/best_score": "best member, training accuracy", "val/acc": "best member, validation accuracy"}
-    for key, points in series.items():
-        if points:
-            ax.plot(*zip(*points), label=labels[key], marker="." if key == "val/acc" else None)
+    for key, label in CURVES.items():
+        if series.get(key):
+            ax.plot(*zip(*series[key]), label=label, marker="." if key == "val/acc" else None)
     if test_acc is not None:
-        ax.scatter([last_passes], [test_acc], color="black", zorder=3, label=f"test accuracy at the end: {test_acc:.4f}")
+        end = series["train/best_score"][-1][0]
+        ax.scatter([end], [test_acc], color="black", zorder=3, label=f"test accuracy at the end: {test_acc:.4f}")
+    ax.set_title("Accuracy of the best member against forward passes" + (f"\n{title}" if title else ""), fontsize=10)
     ax.set_xlabel("forward passes")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

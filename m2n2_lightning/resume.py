@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-#: The keys of the evolution callback's checkpoint state.
+#: The keys of the evolution callback's checkpoint state, and the entry Lightning keeps it under (its state_key).
 STATE_KEYS = frozenset({"strategy", "run", "resources"})
+CALLBACK_KEY = "M2N2Callback"
 
 
 def resource_hash(inputs: Tensor | Mapping[str, Tensor], targets: Tensor) -> str:
@@ -100,8 +101,8 @@ def function_identity(function: Callable) -> str:
 
 def check_evolution_state(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
     """ValueError, before any work, when a loaded Lightning checkpoint holds no evolution callback state."""
-    states = (checkpoint.get("callbacks") or {}).values()
-    if not any(isinstance(state, Mapping) and set(state) == STATE_KEYS for state in states):
+    state = (checkpoint.get("callbacks") or {}).get(CALLBACK_KEY)
+    if not (isinstance(state, Mapping) and set(state) == STATE_KEYS):
         raise ValueError(
             f"checkpoint {path} holds no evolution state (no M2N2Callback entry with the strategy's archive): it "
             "is a plain Lightning checkpoint or one whose callback state was renamed. Resuming it would restart "

@@ -1,10 +1,17 @@
-"""Stopping cleanly: signals turned into a stop at the next evolution-step boundary."""
+"""Stopping cleanly: signals turned into a stop at the next evolution-step boundary; a stop before the budget
+that a callback asked for (a `Timer`, `EarlyStopping`) says which one, at what count, and how to continue."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from datetime import timedelta
 from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping, Timer
+from lightning.pytorch.utilities import rank_zero_info
 
 #: The signals that stop a run at a step boundary.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -78,3 +85,42 @@ class StopOnSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class StopReport(Callback):
+    """At the end of fit, when evolution stopped short of its `max_forward_passes` without a signal or an error:
+    say which callback stopped it (a `Timer`, `EarlyStopping`, or whichever set `trainer.should_stop`), at what
+    count, and how to continue (`resume`: the checkpoint the caller writes after fit; default: the trainer's
+    `ModelCheckpoint`'s last one)."""
+
+    def __init__(self, resume: str | os.PathLike | None = None) -> None:
+        self.resume = resume
+        #: The message, when one was given.
+        self.message: str | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from m2n2_lightning.callback import M2N2Callback  # here: the callback module imports this one
+
+        evolution = next((c for c in trainer.callbacks if isinstance(c, M2N2Callback)), None)
+        if evolution is None or evolution.max_forward_passes is None or evolution.engine is None:
+            return
+        done, budget = evolution.engine.forward_passes, evolution.max_forward_passes
+        if done >= budget or (trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps):
+            return  # the budget, or the Trainer's own max_steps, ended the run
+        who, hint = stopper(trainer)
+        resume = self.resume or getattr(trainer.checkpoint_callback, "last_model_path", "") or None
+        where = f"ckpt_path={resume}" if resume else "a checkpoint saved now (trainer.save_checkpoint) as ckpt_path"
+        self.message = f"Stopped by {who} at {done:,} of {budget:,} forward passes; to continue, resume from {where}{hint}"
+        rank_zero_info(self.message)
+
+
+def stopper(trainer: L.Trainer) -> tuple[str, str]:
+    """(which callback stopped the run, what to change when resuming)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and (callback.time_remaining() or 0) <= 0:
+            return f"the Timer (duration {timedelta(seconds=round(callback._duration or 0))})", (
+                " with a longer Timer duration (train.py: callbacks.timer.duration=...) or none"
+            )
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch > 0:
+            return f"EarlyStopping on {callback.monitor!r} ({callback.stopping_reason_message or 'no improvement'})", ""
+    return "a callback or the module setting trainer.should_stop", ""

@@ -24,10 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from m2n2_lightning import EvolutionModule, FlatParams
 from m2n2_lightning.checkpointing import InterruptCheckpoint, load_checkpoint_file
+from m2n2_lightning.checks import check_optimized_metric, report_in_one_line
 from m2n2_lightning.config import register_schema, steps_for
 from m2n2_lightning.loggers import check_logger_installed
-from m2n2_lightning.metrics import save_accuracy_curves
-from m2n2_lightning.progress import EvolutionProgressBar
+from m2n2_lightning.progress import AccuracyCurve, EvolutionProgressBar
+from m2n2_lightning.resume import check_evolution_state
+from m2n2_lightning.run_lock import lock_run_directory
+from m2n2_lightning.stopping import StopReport
 from m2n2_lightning.strategies.base import build_strategy
 from m2n2_lightning.threads import auto_threads
 
@@ -41,19 +44,22 @@ def every(forward_passes: int, per_step: int) -> int:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@report_in_one_line  # a bad value: its message alone (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> dict | float:
     """Build everything from the config (checks first), fit, test, and write the outputs."""
     # The state after the evolution step is the one to checkpoint: Lightning's advice for manual
     # optimization (save the pre-step state yourself) does not apply.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     out = Path(HydraConfig.get().runtime.output_dir)
+    lock_run_directory(out)  # a second run in this directory is refused
     route_lightning_logs_to_hydra()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # Every check before any data is read or step is run: the strategy config is a factory
     # (`_partial_: true`), called with the model's D; the data module's constructor reads nothing.
     if cfg.ckpt_path is not None:
-        load_checkpoint_file(cfg.ckpt_path)
+        check_evolution_state(load_checkpoint_file(cfg.ckpt_path), cfg.ckpt_path)
     check_logger_installed(cfg.logger)
+    check_optimized_metric(cfg.get("optimized_metric"))
     if cfg.lm is not None:  # experiment=lm_merge: merging language models by generation (m2n2_lightning/lm)
         from m2n2_lightning.lm.train_lm import run
 
@@ -71,6 +77,7 @@ def main(cfg: DictConfig) -> dict | float:
     )
     checkpoints = instantiate(cfg.checkpoint, every_n_train_steps=every(cfg.checkpoint_every, per_step))
     interrupted = InterruptCheckpoint(checkpoints.dirpath)
+    curve = AccuracyCurve()  # logs/accuracy.png for any logger, over the whole run after a resume
     progress_bar = [EvolutionProgressBar(cfg.forward_passes)] if cfg.trainer.get("enable_progress_bar", True) else []
     user_callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     trainer: L.Trainer = instantiate(
@@ -79,7 +86,8 @@ def main(cfg: DictConfig) -> dict | float:
         log_every_n_steps=every(cfg.log_every, per_step),
         val_check_interval=every(cfg.val_every, per_step),
         logger=instantiate(cfg.logger),
-        callbacks=[checkpoints, interrupted, *progress_bar, *user_callbacks],
+        callbacks=[curve, checkpoints, interrupted, StopReport(Path(checkpoints.dirpath) / "last.ckpt"), *progress_bar,
+                   *user_callbacks],
     )
 
     start = time.perf_counter()
@@ -104,19 +112,17 @@ def main(cfg: DictConfig) -> dict | float:
         "best_train_acc": best_train,
         "test_acc": test_acc,
         "wall_seconds": wall,
-        "forward_passes_per_second": done / wall,
+        "forward_passes_per_second": done / wall if done else None,  # a finished run resumed: no rate
         "precision": str(trainer.precision),
         "strategy_settings": strategy.settings(),
         "output_dir": str(out),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    metrics_csv = out / "logs" / "metrics.csv"
-    if metrics_csv.exists():
-        save_accuracy_curves(metrics_csv, out / "logs" / "accuracy.png", test_acc)
+    curve.save(out / "logs" / "accuracy.png", test_acc, f"{summary['strategy']} on {summary['experiment']}, seed {strategy.seed}")
     OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
     log.info(
-        "%s (seed %d): %d forward passes in %.1f s (%.0f/s); best member: train accuracy %.4f, test accuracy %.4f.",
-        summary["strategy"], strategy.seed, done, wall, summary["forward_passes_per_second"], best_train, test_acc,
+        "%s (seed %d): %d forward passes in %.1f s%s; best member: train accuracy %.4f, test accuracy %.4f.",
+        summary["strategy"], strategy.seed, done, wall, f" ({done / wall:.0f}/s)" if done else "", best_train, test_acc,
     )
     log.info("Outputs in %s: summary.json, best_model.pt, checkpoints/, logs/ (metrics, plots).", out)
     return result_of(cfg, summary)
