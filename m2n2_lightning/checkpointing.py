@@ -64,7 +64,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def remove_orphans(folder: Path, prefix: str) -> None:
-    """Delete the `<prefix><pid>-*.tmp` files in `folder` whose process `pid` no longer runs."""
+    """Delete the `<prefix><pid>-*.tmp` files (or folders) in `folder` whose process `pid` no longer runs."""
     for leftover in folder.iterdir():
         pid = leftover.name[len(prefix):].split("-", 1)[0]
         if not (leftover.name.startswith(prefix) and leftover.name.endswith(".tmp") and pid.isdigit()):
@@ -72,7 +72,10 @@ def remove_orphans(folder: Path, prefix: str) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            leftover.unlink(missing_ok=True)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         except PermissionError:  # alive, another user's
             pass
 
