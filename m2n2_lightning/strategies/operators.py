@@ -55,7 +55,7 @@ def sample_categorical(weights: Tensor, uniforms: Tensor) -> Tensor:
     """
     weights = weights.expand(uniforms.shape[0], -1) if weights.dim() == 1 else weights
     cdf = weights.cumsum(dim=-1)
-    total = cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()  # (searchsorted copies, and warns, for a non-contiguous one)
     draw = torch.searchsorted(cdf, uniforms.to(cdf.dtype).unsqueeze(-1) * total, right=True)
     # u < 1, but u * total can round up to the total, and the draw then lands past the
     # last positive entry (on a trailing zero, or out of range): cap it there, at the
