@@ -3,6 +3,7 @@ runs (resources by content, functions by a stable name), resumed finished runs, 
 
 from __future__ import annotations
 
+import errno
 import functools
 import subprocess
 import sys
@@ -193,3 +194,64 @@ def test_optimized_metric_is_checked_by_name() -> None:
     check_optimized_metric(None)
     with pytest.raises(ValueError, match="optimized_metric='tset_acc' is not a summary.json number; use one of"):
         check_optimized_metric("tset_acc")
+
+
+# 7: a full disk ----------------------------------------------------------------------------------------------------
+class DiskFills(L.Callback):
+    """Raise 'No space left on device' after training step `step`, as a full disk does in a write."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_names_the_checkpoint_to_resume_from_and_writes_nothing(tmp_path, caplog) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from m2n2_lightning.checkpointing import InterruptCheckpoint
+    from m2n2_lightning.checks import BadRunInput, report_in_one_line
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    callback = M2N2Callback(strategy=functools.partial(M2N2Strategy, pop_size=4, seed=0), evaluate=right,
+                            resources=examples(), heatmap=False)
+    trainer = make_trainer(tmp_path, 20, [callback, checkpoints, InterruptCheckpoint(tmp_path), DiskFills(5)],
+                           enable_checkpointing=True)
+    with caplog.at_level("INFO"), pytest.raises(BadRunInput, match="No space left on device"):
+        report_in_one_line(trainer.fit)(Tiny())
+    newest = tmp_path / "epoch=0-step=4.ckpt"
+    assert f"the disk holding {tmp_path} is full" in caplog.text and f"resume with ckpt_path={newest}" in caplog.text
+    assert not (tmp_path / "interrupted.ckpt").exists()
+
+
+# 8: a sweep whose job fails ----------------------------------------------------------------------------------------
+def test_a_sweep_table_lists_the_finished_jobs_and_marks_the_failed_ones(tmp_path) -> None:
+    from m2n2_lightning.sweep import FAILED_NAME, write_table
+
+    for job, content in (("0", "summary"), ("1", "failed"), ("2", None)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        if content == "summary":
+            (tmp_path / job / "summary.json").write_text('{"seed": 0, "test_acc": 0.5}')
+        elif content == "failed":
+            (tmp_path / job / FAILED_NAME).write_text("BadRunInput: pop_size must be an integer >= 2, got 1\n")
+    write_table(tmp_path)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| 0 | seed=0 | ok |" in table and "0.5000" in table
+    assert "| 1 | seed=1 | failed: BadRunInput: pop_size must be an integer >= 2, got 1 |" in table
+    assert "| 2 | seed=2 | not finished |" in table
+
+
+@pytest.mark.slow
+def test_a_train_sweep_with_a_failing_job_still_writes_its_table(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path}", "forward_passes=50",
+         "strategy.pop_size=20,1", "trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 1 and "pop_size must be an integer >= 2, got 1" in result.stderr
+    rows = (tmp_path / "summary.csv").read_text().splitlines()
+    assert "strategy.pop_size=20" in rows[1] and ",ok," in rows[1]
+    assert "strategy.pop_size=1 " in rows[2] and '"failed: BadRunInput: pop_size must be an integer >= 2, got 1"' in rows[2]
