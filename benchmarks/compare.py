@@ -120,7 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"{', '.join(SCRATCH_ONLY)} cannot start from given models: leave them out of --setting merge")
     if args.setting == "lm_merge" and (args.precision != "32" or args.data != "digits" or args.data_dir):
         parser.error("--precision, --data and --data-dir do not apply to --setting lm_merge (its prompts and models are "
-                     "the lm block of conf/experiment/lm_merge.yaml: change them with --override lm.<key>=...)")
+                     "the merge block of conf/experiment/lm_merge.yaml: change them with --override merge.<key>=...)")
     if args.forward_passes is None and args.setting != "lm_merge":
         args.forward_passes = 10_000
     if not args.seeds:

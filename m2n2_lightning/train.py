@@ -4,7 +4,8 @@
                                                      # or python -m m2n2_lightning)
     python train.py experiment=mnist_mlp             # MNIST, 784-256-10
     python train.py -m strategy=m2n2,ga seed=0,1,2   # a sweep
-    python train.py experiment=lm_merge              # merging two fine-tuned language models (m2n2_lightning/lm)
+    python train.py experiment=lm_merge              # merging two fine-tuned toy language models (m2n2_lightning/lm)
+    python train.py experiment=merge ...             # merging your own models on your tasks (or m2n2-merge recipe.yaml)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -25,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from m2n2_lightning import EvolutionModule, FlatParams
 from m2n2_lightning.checkpointing import InterruptCheckpoint, load_checkpoint_file
 from m2n2_lightning.checks import check_optimized_metric, report_in_one_line
-from m2n2_lightning.config import register_schema, steps_for
+from m2n2_lightning.config import register_schema, step_intervals
 from m2n2_lightning.loggers import check_logger_installed
+from m2n2_lightning.merge_run import build_merge, check_merge
 from m2n2_lightning.progress import AccuracyCurve, EvolutionProgressBar
 from m2n2_lightning.resume import check_evolution_state
 from m2n2_lightning.run_lock import lock_run_directory
@@ -36,11 +39,6 @@ from m2n2_lightning.threads import auto_threads
 
 register_schema()
 log = logging.getLogger("m2n2_lightning.train")
-
-
-def every(forward_passes: int, per_step: int) -> int:
-    """An interval in forward passes as a number of Lightning training steps (at least 1)."""
-    return max(1, forward_passes // per_step)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -60,35 +58,24 @@ def main(cfg: DictConfig) -> dict | float:
         check_evolution_state(load_checkpoint_file(cfg.ckpt_path), cfg.ckpt_path)
     check_logger_installed(cfg.logger)
     check_optimized_metric(cfg.get("optimized_metric"))
-    if cfg.lm is not None:  # experiment=lm_merge: merging language models by generation (m2n2_lightning/lm)
-        from m2n2_lightning.lm.train_lm import run
-
-        return result_of(cfg, run(cfg, out))
+    if cfg.merge is not None:  # experiment=merge, lm_merge: seed models scored by tasks (m2n2_lightning/merge_run.py)
+        check_merge(cfg)
+        return result_of(cfg, merge(cfg, out))
+    check_evolution_keys(cfg)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, in_features=cfg.model.get("in_features") or datamodule.input_dim)
     flat = FlatParams(model, include_frozen=cfg.module.get("evolve_frozen", False))
     torch.set_num_threads(cfg.threads or auto_threads(flat.num_params, datamodule.num_train))
     strategy = build_strategy(instantiate(cfg.strategy), flat.num_params, layout=flat.layout)
-    per_step = cfg.module.steps_per_batch * strategy.candidates_per_step  # forward passes per training step
-    max_steps = steps_for(cfg.forward_passes, per_step)  # checks forward_passes, in the config's own terms
+    # forward passes per training step; step_intervals checks forward_passes, in the config's own terms
+    steps = step_intervals(cfg, cfg.module.steps_per_batch * strategy.candidates_per_step)
     module = EvolutionModule(
         model, strategy, max_forward_passes=cfg.forward_passes, allow_resume_changes=cfg.allow_resume_changes,
         **cfg.module,
     )
-    checkpoints = instantiate(cfg.checkpoint, every_n_train_steps=every(cfg.checkpoint_every, per_step))
-    interrupted = InterruptCheckpoint(checkpoints.dirpath)
+    checkpoints = instantiate(cfg.checkpoint, every_n_train_steps=steps.pop("every_n_train_steps"))
     curve = AccuracyCurve()  # logs/accuracy.png for any logger, over the whole run after a resume
-    progress_bar = [EvolutionProgressBar(cfg.forward_passes)] if cfg.trainer.get("enable_progress_bar", True) else []
-    user_callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        max_steps=max_steps,
-        log_every_n_steps=every(cfg.log_every, per_step),
-        val_check_interval=every(cfg.val_every, per_step),
-        logger=instantiate(cfg.logger),
-        callbacks=[curve, checkpoints, interrupted, StopReport(Path(checkpoints.dirpath) / "last.ckpt"), *progress_bar,
-                   *user_callbacks],
-    )
+    trainer = make_trainer(cfg, checkpoints, [curve], **steps)
 
     start = time.perf_counter()
     # SIGINT / SIGTERM: SignalStop, exit 130 / 143, after `interrupted` has saved and said where
@@ -126,6 +113,43 @@ def main(cfg: DictConfig) -> dict | float:
     )
     log.info("Outputs in %s: summary.json, best_model.pt, checkpoints/, logs/ (metrics, plots).", out)
     return result_of(cfg, summary)
+
+
+def check_evolution_keys(cfg: DictConfig) -> None:
+    """Refuse the keys of a merge in an experiment that evolves a model on data (they would be ignored)."""
+    if cfg.get("lm") is not None:
+        raise ValueError("lm.* belongs to experiment=lm_merge (the toy seeds): remove it, or add experiment=lm_merge")
+    for key in ("data", "model", "val_every", "module.score_fn"):
+        if OmegaConf.select(cfg, key) is None:
+            raise ValueError(f"{key} must be set for experiment={HydraConfig.get().runtime.choices.get('experiment')}")
+
+
+def make_trainer(cfg: DictConfig, checkpoints: Any, callbacks: list[Any], **steps: int) -> L.Trainer:
+    """The config's Trainer with the run's callbacks first, then the checkpoints, the interrupt checkpoint,
+    the progress bar in forward passes and the user's callbacks; `steps` from `config.step_intervals`."""
+    interrupted = InterruptCheckpoint(checkpoints.dirpath)
+    progress_bar = [EvolutionProgressBar(cfg.forward_passes)] if cfg.trainer.get("enable_progress_bar", True) else []
+    user_callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    return instantiate(
+        cfg.trainer, logger=instantiate(cfg.logger),
+        callbacks=[*callbacks, checkpoints, interrupted, StopReport(Path(checkpoints.dirpath) / "last.ckpt"), *progress_bar,
+                   *user_callbacks], **steps,
+    )
+
+
+def merge(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """A merge (checked by `check_merge`): tasks read, base model loaded, seeds merged, best member tested and saved."""
+    checkpoints = instantiate(cfg.checkpoint)  # its interval is set once the strategy is built (StepIntervals)
+    run = build_merge(cfg, checkpoints)
+    # at most one training step per evaluation; StepIntervals sets the exact count from the strategy
+    trainer = make_trainer(cfg, checkpoints, run.callbacks, max_steps=cfg.forward_passes)
+    # SIGINT / SIGTERM: SignalStop, exit 130 / 143, after the interrupt checkpoint has saved and said where
+    trainer.fit(run.module, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.save_checkpoint(Path(checkpoints.dirpath) / "last.ckpt", weights_only=False)
+    summary = run.finish(trainer, out)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    return summary
 
 
 def result_of(cfg: DictConfig, summary: dict) -> dict | float:

@@ -143,7 +143,7 @@ def test_lm_merge_outputs(compare, tiny: Path, tmp_path: Path) -> None:  # noqa:
 
     from m2n2_lightning.lm.tasks import accuracy, skill_dataset
 
-    seeds = [f"lm.seed_dirs=['{tiny / 'skill_a'}','{tiny / 'skill_b'}']", f"lm.base='{tiny / 'base'}'"]
+    seeds = [f"merge.models=['{tiny / 'skill_a'}','{tiny / 'skill_b'}']", f"merge.base_model='{tiny / 'base'}'"]
     out = compare.main([
         "--setting", "lm_merge", "--methods", "m2n2,cmaes_layerwise_slerp,slerp_brute_force,skill_a", "--seeds", "1",
         "--forward-passes", "10", "--eval-every", "5", "--out", str(tmp_path),

@@ -47,7 +47,7 @@ def assert_same_run(two: Path, one: Path) -> None:
 
 def test_two_gloo_ranks_merge_as_one(tiny: Path, tmp_path: Path) -> None:  # noqa: F811
     # char_fraction: continuous scores, so that the archive and the curve carry information
-    args = (*tiny_seeds(tiny), "lm.score=char_fraction", "forward_passes=10", *BLOCK)
+    args = (*tiny_seeds(tiny), "merge.tasks.skills.score=char_fraction", "forward_passes=10", *BLOCK)
     one = train_lm(tmp_path / "one", *args)
     two = train_lm(tmp_path / "two", *args, *DDP)
     assert_same_run(tmp_path / "two", tmp_path / "one")

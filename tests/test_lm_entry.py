@@ -31,7 +31,7 @@ def train_lm(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) 
 
 
 def tiny_seeds(tiny: Path) -> list[str]:  # noqa: F811
-    return [f"lm.seed_dirs=['{tiny / 'skill_a'}','{tiny / 'skill_b'}']", f"lm.base='{tiny / 'base'}'"]
+    return [f"merge.models=['{tiny / 'skill_a'}','{tiny / 'skill_b'}']", f"merge.base_model='{tiny / 'base'}'"]
 
 
 def curve_rows(path: Path) -> list[dict[str, str]]:
@@ -48,7 +48,7 @@ def check_outputs(run_dir: Path, summary: dict, evaluations: int) -> None:
     assert summary["test_acc"] == pytest.approx((summary["test"]["add"] + summary["test"]["rev"]) / 2)
     assert summary["best_train_acc"] == accuracy(merged, skill_dataset(("add", "rev"), "train"))
     assert summary["forward_passes"] == evaluations and summary["resources"] == 200
-    assert summary["strategy"] == "lm_m2n2" and summary["strategy_settings"]["archive"] == "CoefficientArchive"
+    assert summary["strategy"] == "m2n2_merge" and summary["strategy_settings"]["archive"] == "CoefficientArchive"
     rows = curve_rows(run_dir / "curves.csv")
     assert [int(r["forward_passes"]) for r in rows] == list(range(evaluations + 1))
     assert all(0 <= float(r["coverage"]) <= 1 for r in rows)

@@ -15,8 +15,8 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from test_lm import TINY
 from transformers import AutoModelForCausalLM
 
@@ -24,9 +24,10 @@ from m2n2_lightning import M2N2Callback, M2N2Strategy
 from m2n2_lightning.config import register_schema
 from m2n2_lightning.lm import seeds
 from m2n2_lightning.lm.baselines import seed_alone, slerp_sweep
-from m2n2_lightning.lm.experiment import check_lm_config, load_experiment, skill_labels
 from m2n2_lightning.lm.merge import merge_models
 from m2n2_lightning.lm.tasks import TOKENIZER, PromptDataset, prompt_sets
+from m2n2_lightning.merge_run import resource_labels
+from m2n2_lightning.tasks.skills import SkillTask
 from m2n2_lightning.metrics import SOLVED
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.strategies.base import build_strategy
@@ -160,14 +161,10 @@ def test_bad_input_is_refused_before_any_run(tiny: Path) -> None:
         merge_models(strategy, [tiny / "skill_a", tiny / "skill_b"], load(tiny), RESOURCES, {}, 5)
     with pytest.raises(ValueError, match="exactly two"):
         slerp_sweep([tiny / "skill_a"] * 3, load(tiny), RESOURCES, TESTS, 5)
-    good = dict(score="exact_match", skills=["add", "rev"], test_skills=["copy"], seed_dirs=None, resource_batch_size=8,
-                test_every=0)
-    check_lm_config(OmegaConf.create(good))
-    for key, value, message in (("score", "bleu", "lm.score"), ("skills", ["add", "mul"], "lm.skills"),
-                                ("test_skills", [], "lm.test_skills"), ("seed_dirs", "a_dir", "lm.seed_dirs"),
-                                ("resource_batch_size", 0, "lm.resource_batch_size"), ("test_every", -1, "lm.test_every")):
+    for options, message in (({"score": "bleu"}, "score must be one of"), ({"train": ["add", "mul"]}, "train must be"),
+                             ({"test": "copy"}, "test must be")):
         with pytest.raises(ValueError, match=message):
-            check_lm_config(OmegaConf.create({**good, key: value}))
+            SkillTask(**options)
 
 
 def compose_lm(*overrides: str):
@@ -181,32 +178,35 @@ def test_lm_strategy_configs_build_the_papers_settings(tiny: Path) -> None:
     flat = FlatParams(seeds[0])
 
     def built(name: str):
-        factory = instantiate(compose_lm(f"strategy={name}", "seed=3").strategy)
+        factory = instantiate(compose_lm(name, "seed=3").strategy)
         return build_strategy(factory, flat.num_params, seeds, flat.layout)
 
-    m2n2 = built("lm_m2n2")
+    m2n2 = built("strategy=m2n2_merge")
     assert (m2n2.pop_size, m2n2.warmup_steps, m2n2.mutation_sigma, m2n2.seed) == (15, 50, 0.0, 3)
     assert type(m2n2.archive).__name__ == "CoefficientArchive" and m2n2.capacity == "unit"
-    assert built("lm_m2n2_max").capacity == "max"
-    ga = built("lm_ga")
-    assert ga.alpha == 0.0 and not ga.use_matchmaker and ga.pop_size == 15
-    assert not built("lm_m2n2_no_split_point").use_split_point and not built("lm_m2n2_no_matchmaker").use_matchmaker
-    elites = built("lm_map_elites")
+    assert m2n2.alpha == 1.0 and m2n2.use_matchmaker and m2n2.use_split_point
+    assert built("strategy.capacity=max").capacity == "max"
+    ga = built("ablation=ga")
+    assert ga.alpha == 0.0 and not ga.use_matchmaker and ga.pop_size == 15 and ga.warmup_steps == 50
+    assert not built("ablation=no_split_point").use_split_point and not built("ablation=no_matchmaker").use_matchmaker
+    elites = built("strategy=map_elites_merge")
     assert elites.bins == 4 and elites.mutation_sigma == 0.0
-    assert built("cmaes_layerwise_slerp").candidates_per_step == 25
+    assert built("strategy=cmaes_layerwise_slerp").candidates_per_step == 25
     assert elites.membership.tolist() == [[1.0] * 100 + [0.0] * 100, [0.0] * 100 + [1.0] * 100]
 
 
-def test_a_bad_lm_block_fails_before_any_seed_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_task_fails_before_any_seed_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("M2N2_LM_CACHE", str(tmp_path / "cache"))
-    cfg = compose_lm("lm.score=bleu")
+    cfg = compose_lm("merge.tasks.skills.score=bleu")
     assert cfg.data is None and cfg.model is None and cfg.forward_passes == 1000
-    with pytest.raises(ValueError, match="lm.score must be one of"):
-        load_experiment(cfg.lm)
+    with pytest.raises(InstantiationException, match="score must be one of"):
+        instantiate(cfg.merge.tasks)
     assert not (tmp_path / "cache").exists()
 
 
 def test_skill_labels_follow_the_resources() -> None:
-    labels = skill_labels(["add", "rev"])
+    labels = resource_labels({"skills": SkillTask(train=["add", "rev"])})
     assert labels == [0] * 100 + [1] * 100
-    assert skill_labels(["rev", "add"]) == [0] * 100 + [1] * 100  # the first named skill is label 0
+    assert resource_labels({"skills": SkillTask(train=["rev", "add"])}) == [0] * 100 + [1] * 100  # the first named skill is 0
+    # two tasks: one group each
+    assert resource_labels({"a": SkillTask(train=["add"]), "b": SkillTask(train=["copy"], test=[])}) == [0] * 100 + [1] * 100
