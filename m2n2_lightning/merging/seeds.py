@@ -97,7 +97,9 @@ class SeedReader:
                 f"values (NaN or Inf) of {value.numel()}; expected finite weights (one NaN or Inf turns every "
                 "merge with this seed into NaN): repair or replace this seed"
             )
-        self._digest.update(f"{name}\0{value.dtype}\0{tuple(value.shape)}\0".encode())
+        # dtype, shape and bytes in the module's order, not the names: the same seed read into a wrapper
+        # (a LightningModule's "model." prefix) or into the bare model gives the same digest
+        self._digest.update(f"{value.dtype}\0{tuple(value.shape)}\0".encode())
         self._digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy())
         return value
 
@@ -106,7 +108,7 @@ class SeedReader:
         return {b: self.tensor(b) for b in self._buffers}
 
     def digest(self) -> str:
-        """SHA-256 over every tensor read so far (name, dtype, shape, raw bytes, in read order), as hex."""
+        """SHA-256 over every tensor read so far (dtype, shape, raw bytes, in read order; no names), as hex."""
         return self._digest.hexdigest()
 
     def _key(self, name: str) -> str:
