@@ -22,7 +22,7 @@ from m2n2_lightning.evaluator import EvaluateFn, ModuleEvaluator, resource_batch
 from m2n2_lightning.lm.merge import AccuracyFn, AccuracyPoint, MergeResult
 from m2n2_lightning.lm.tasks import accuracy, exact_match
 from m2n2_lightning.params import FlatParams
-from m2n2_lightning.merging.seeds import SeedSource, seed_parameters
+from m2n2_lightning.merging.seeds import SeedSource, read_seeds
 from m2n2_lightning.checks import check_positive_int
 from m2n2_lightning.strategies.operators import slerp
 
@@ -30,10 +30,9 @@ from m2n2_lightning.strategies.operators import slerp
 SWEEP_CHUNK = 10
 
 
-def seed_vector(model: nn.Module, flat: FlatParams, source: SeedSource, index: int = 0) -> Tensor:
-    """The flat parameter vector [D] of `source` in `model`'s layout (checked by `sources.seed_parameters`)."""
-    state = seed_parameters(model, source, index, flat.names)
-    return torch.cat([state[name].reshape(-1) for name in flat.names])
+def seed_vectors(model: nn.Module, flat: FlatParams, sources: Sequence[SeedSource]) -> Tensor:
+    """The flat parameter vectors [K, D] of `sources` in `model`'s layout (read lazily and checked by `read_seeds`)."""
+    return read_seeds(model, flat.names, sources).vectors
 
 
 def _result(model: nn.Module, resources: Dataset, tests: Mapping[str, Any], test_fn: AccuracyFn, done: int,
@@ -49,7 +48,7 @@ def seed_alone(source: SeedSource, model: nn.Module, resources: Dataset, tests: 
                test_fn: AccuracyFn = accuracy) -> MergeResult:
     """One seed model, unmerged: loaded into `model` and tested (no evaluation of the budget spent)."""
     flat = FlatParams(model)
-    flat.load_into(model, seed_vector(model, flat, source))
+    flat.load_into(model, seed_vectors(model, flat, [source])[0])
     return _result(model, resources, tests, test_fn, 0, 0.0, {"seed_model": str(source)})
 
 
@@ -71,7 +70,7 @@ def slerp_sweep(
         raise ValueError(f"the SLERP sweep merges exactly two seed models, got {seeds!r}")
     start = time.perf_counter()
     flat = FlatParams(model)
-    a, b = (seed_vector(model, flat, source, i).unsqueeze(0) for i, source in enumerate(seeds))
+    a, b = seed_vectors(model, flat, seeds).split(1)
     evaluator = ModuleEvaluator(model, flat, score, resource_batches(resources, 0, len(resources), resource_batch_size))
     weights = torch.linspace(0, 1, points, dtype=a.dtype)
     best, best_w, best_score = a[0], 0.0, -1.0
