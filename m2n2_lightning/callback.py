@@ -55,7 +55,7 @@ from m2n2_lightning.strategies.base import (
     StrategySpec,
     build_strategy,
 )
-from m2n2_lightning.checks import check_labels, check_positive_int, check_resources
+from m2n2_lightning.checks import check_labels, check_positive_int, check_resources, low_precision_of
 from m2n2_lightning.takeover import OptimizationTakeover
 
 
@@ -210,7 +210,8 @@ class M2N2Callback(Callback):
             seeds = self._read_seeds(target, flat)
         strategy = build_strategy(self.strategy_spec, flat.num_params, seeds, flat.layout)
         self.engine = EvolutionEngine(
-            target, strategy, self.score_fn, self.chunk_size, self.block_size, precision_dtype(trainer), flat
+            target, strategy, self.score_fn, self.chunk_size, self.block_size,
+            precision_dtype(trainer) or low_precision_of(target), flat,
         )
         self.engine.seed_digests = self.seed_digests
 

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from hydra.errors import CompactHydraException
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 #: summary.json entries that `optimized_metric` may name (numbers in every experiment's summary).
@@ -78,6 +79,13 @@ def check_resources(resources: Any, evaluate: Callable | None) -> Any:
             "infinite or change order, so make a list of its examples first (resources=list(...))"
         )
     return resources
+
+
+def low_precision_of(module: nn.Module) -> torch.dtype | None:
+    """bfloat16 / float16 when the module's floating-point parameters are all in it (a module converted with
+    `.to(torch.bfloat16)`): vectorised scoring then casts the resources to it, as `precision="bf16-true"` does."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return next(iter(dtypes)) if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} else None
 
 
 def check_optimized_metric(metric: str | None) -> None:

@@ -127,6 +127,11 @@ def check_evaluated(scores: Any, expected: int) -> Tensor:
             f"evaluate(module, batch) returned shape {tuple(scores.shape)} for a batch of {expected} examples; "
             f"return one score per example: shape ({expected},)"
         )
+    if scores.is_meta:
+        raise ValueError(
+            "evaluate(module, batch) returned a tensor on the meta device (a shape without values); return the "
+            "scores themselves, computed on the module's device or the CPU"
+        )
     low, high = torch.stack(torch.aminmax(scores.float())).tolist()
     if not (0 <= low and high <= 1):
         raise ValueError(f"evaluate(module, batch) returned scores in [{low}, {high}] (or NaN); they must lie in [0, 1]")

@@ -255,3 +255,27 @@ def test_a_train_sweep_with_a_failing_job_still_writes_its_table(tmp_path) -> No
     rows = (tmp_path / "summary.csv").read_text().splitlines()
     assert "strategy.pop_size=20" in rows[1] and ",ok," in rows[1]
     assert "strategy.pop_size=1 " in rows[2] and '"failed: BadRunInput: pop_size must be an integer >= 2, got 1"' in rows[2]
+
+
+def test_a_bfloat16_module_is_scored_in_bfloat16(tmp_path) -> None:
+    from conftest import Classifier
+
+    from m2n2_lightning.data import DigitsDataModule
+
+    class Bfloat16Classifier(Classifier):
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:  # its own cast, as a user's
+            return super().training_step((batch[0].to(torch.bfloat16), batch[1]), batch_idx)
+
+    module = Bfloat16Classifier().to(torch.bfloat16)
+    callback = M2N2Callback(strategy=functools.partial(M2N2Strategy, pop_size=4, seed=0), heatmap=False)
+    make_trainer(tmp_path, 6, [callback]).fit(module, datamodule=DigitsDataModule())
+    assert callback.strategy.forward_passes == 6 and callback.engine.score_dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+
+
+def test_an_evaluate_returning_a_meta_tensor_says_so(tmp_path) -> None:
+    def meta(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return torch.empty(len(batch[1]), device="meta")
+
+    with pytest.raises(ValueError, match="returned a tensor on the meta device"):
+        fit(tmp_path, 2, evaluate=meta)
