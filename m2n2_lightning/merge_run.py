@@ -157,6 +157,8 @@ class MergeRun:
     evolution: M2N2Callback
     recorder: CurveRecorder
     callbacks: list[Callback]
+    #: The base model's source: where the merged directory's tokenizer files come from.
+    base: str
 
     def finish(self, trainer: L.Trainer, out: Path) -> dict[str, Any]:
         """Test the best member; on rank zero write summary.json, best_model/, curves.csv and recipe.yaml."""
@@ -183,7 +185,7 @@ class MergeRun:
         }
         if not trainer.is_global_zero:  # under DDP every rank holds the same result: rank zero writes it
             return summary
-        save_merged(self.model, out / "best_model", evolution=self.evolution, test_scores=test)
+        save_merged(self.model, out / "best_model", evolution=self.evolution, tokenizer_from=self.base, test_scores=test)
         OmegaConf.save(self.cfg.merge, out / "best_model" / "merge_recipe.yaml", resolve=True)
         write_curve(self.recorder.curve, out / "curves.csv")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -211,7 +213,7 @@ def build_merge(cfg: Any, checkpoints: ModelCheckpoint) -> MergeRun:
     recorder = CurveRecorder(evolution, tasks.test_sets(), tasks.test_accuracy, cfg.merge.test_every)
     callbacks = [evolution, StepIntervals(cfg, evolution, checkpoints), recorder,
                  TaskFingerprint(fingerprint, cfg.allow_resume_changes)]
-    return MergeRun(cfg, tasks, model, LanguageModel(model), evolution, recorder, callbacks)
+    return MergeRun(cfg, tasks, model, LanguageModel(model), evolution, recorder, callbacks, base)
 
 
 def resource_labels(tasks: dict[str, Any], batch_size: int = 32) -> list[int]:
