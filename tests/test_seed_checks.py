@@ -54,11 +54,12 @@ class SpyOpen:
         SpyOpen.events.append(f"get {key}")
         return self.inner.get_tensor(key)
 
+    def get_slice(self, key: str) -> object:
+        SpyOpen.events.append(f"slice {key}")
+        return self.inner.get_slice(key)
+
     def keys(self) -> list[str]:
         return self.inner.keys()
-
-    def get_slice(self, key: str) -> object:
-        return self.inner.get_slice(key)
 
 
 @pytest.fixture

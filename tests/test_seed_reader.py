@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file, save_model
 from torch import nn
 
+import m2n2_lightning.merging.seeds as seeds_module
 from m2n2_lightning.merging.seeds import SeedReader, read_seeds, seed_parameters
 
 pytest.importorskip("transformers")
@@ -88,9 +89,25 @@ def test_two_shards_are_read_one_tensor_at_a_time(two_shards: tuple[nn.Module, P
     got = read_seeds(target, names(target), [folder])
     assert torch.equal(got.vectors[0], flat(original))
     expected = []
-    for n in names(target):  # each tensor: its own shard opened, read, closed
-        expected += [f"open {weight_map[n]}", f"get {n}", f"close {weight_map[n]}"]
+    for n in names(target):  # each tensor (one block each, here): its own shard opened, sliced, closed
+        expected += [f"open {weight_map[n]}", f"slice {n}", f"close {weight_map[n]}"]
     assert spy[-len(expected):] == expected
+
+
+def test_large_tensors_are_read_block_by_block(two_shards: tuple[nn.Module, Path], spy: list[str],  # noqa: F811
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With blocks of 100 values, each tensor is read in slices of whole rows (a file opened per slice), into
+    the stack, with the digest and the values of a whole read."""
+    original, folder = two_shards
+    target = llama(seed=4)
+    whole = read_seeds(target, names(target), [folder])
+    monkeypatch.setattr(seeds_module, "READ_BLOCK", 100)
+    spy.clear()
+    blocks = read_seeds(target, names(target), [folder])
+    assert torch.equal(blocks.vectors, whole.vectors) and blocks.digests == whole.digests
+    embedding = dict(target.named_parameters())["model.embed_tokens.weight"]  # [40, 16]: 6 rows a block
+    # one slice when the file is opened (its dtype and shape from the header), then one a block of 6 rows
+    assert spy.count("slice model.embed_tokens.weight") == 1 + -(-embedding.shape[0] // (100 // embedding.shape[1]))
 
 
 MEASURE = """

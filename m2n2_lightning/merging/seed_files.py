@@ -10,10 +10,12 @@ mapped while the store lives; older non-zip pickles are loaded whole. Pickles ar
 
 from __future__ import annotations
 
+import math
+
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,23 @@ class TensorStore:
 
         with safe_open(self.files[key], framework="pt") as f:
             return f.get_tensor(key)
+
+    def read_blocks(self, key: str, elements: int) -> Iterator[Tensor]:
+        """The value of `key`, flat, in blocks of whole leading rows of about `elements` values, each read when
+        it is reached; a safetensors file is opened per block (`get_slice`), so neither a copy of the whole
+        tensor nor its memory-mapped pages are held at once."""
+        shape = self.shapes[key]
+        rows = shape[0] if shape else 1
+        step = max(1, elements // max(1, math.prod(shape[1:]))) if shape else 1
+        if key in self.tensors or not shape:
+            value = self.read(key).reshape(rows, -1)
+            yield from (value[i : i + step].reshape(-1) for i in range(0, rows, step))
+            return
+        from safetensors import safe_open
+
+        for i in range(0, rows, step):
+            with safe_open(self.files[key], framework="pt") as f:
+                yield f.get_slice(key)[i : i + step].reshape(-1)
 
 
 def open_source(source: SeedSource, index: int) -> TensorStore:
