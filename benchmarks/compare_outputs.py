@@ -149,9 +149,20 @@ def table(runs: dict[str, list[list[dict[str, Any]]]], setting: str, numbers: di
         lines.append(
             f"| {LABELS.get(method, method)} | {len(final)} | {'/'.join(f'{p:,}' for p in passes)} "
             f"| {test:.3f}{error(test_se)} | {train:.3f}{error(train_se)} | {wall:.1f} | {rate:.0f} "
-            f"| {'≈ ' + format(paper, '.1%') if paper is not None else '—'} |"
+            f"| {paper_cell(paper, budget, passes)} |"
         )
-    return "\n".join(lines) + "\n"
+    note = ("± is the standard error of the mean over the seeds of a row (none with one seed). The paper's numbers "
+            f"are its test accuracies at {budget:,} forward passes; a row of another budget says so in that column.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def paper_cell(paper: float | None, budget: int, passes: list[int]) -> str:
+    """The paper's number, marked when this row ran another budget (it is then not a like-for-like comparison)."""
+    if paper is None:
+        return "—"
+    if passes == [budget]:
+        return f"≈ {paper:.1%}"
+    return f"≈ {paper:.1%} at {budget:,}, not this row's {'/'.join(f'{p:,}' for p in passes)}"
 
 
 def write_outputs(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> None:

@@ -9,7 +9,9 @@ generation. The merge is tested on both skills and on copying, a skill of the ba
     OMP_NUM_THREADS=1 python examples/merge_language_models.py                  # about a minute here
     OMP_NUM_THREADS=1 python examples/merge_language_models.py --continuous     # capacity "max", char-level score
 
-(The package's seed models are built on first use, about 3 minutes. The paper's baselines at the same
+(The package's seed models are built on first use, with a progress bar and its ETA: 148 s measured here on
+one thread with the other of the machine's two cores busy; no quiet machine was available to time it. The
+paper's baselines at the same
 budget: `python benchmarks/compare.py --setting lm_merge`; the Hydra entry: `python train.py experiment=lm_merge`.)
 
 For your own models, change three things in `main`:
@@ -39,6 +41,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from m2n2_lightning import M2N2Strategy
+from m2n2_lightning.loggers import quiet_lightning
 from m2n2_lightning.lm.merge import merge_models
 from m2n2_lightning.lm.seeds import build_seeds, default_cache, preset
 from m2n2_lightning.lm.tasks import accuracy, char_fraction, exact_match, skill_dataset
@@ -48,11 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="seed of the seed models and of the search")
     parser.add_argument("--evaluations", type=int, default=1000)
-    parser.add_argument("--out", default="merged_lm", help="save_pretrained directory of the merge")
+    parser.add_argument("--out", default="outputs/merged_lm", help="save_pretrained directory of the merge")
     parser.add_argument("--continuous", action="store_true",
                         help="score by the fraction of answer characters right, with capacity c_j = max_i s_ij (eq. 5)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    quiet_lightning()
 
     cache = default_cache(seed=args.seed)
     build_seeds(cache, preset(seed=args.seed))  # the package's seeds; replace by your own directories

@@ -30,6 +30,7 @@ from torch import nn
 
 from m2n2_lightning import M2N2Callback, M2N2Strategy
 from m2n2_lightning.data import DigitsDataModule
+from m2n2_lightning.loggers import quiet_lightning
 from m2n2_lightning.specialists import SPECIALIST_CLASSES, Classifier, train_specialist
 
 
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (these small steps run fastest on one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    quiet_lightning()
     args.out.mkdir(parents=True, exist_ok=True)
 
     data = DigitsDataModule()

@@ -7,11 +7,18 @@
   logs is written anyway.
 - A check, before any work, that the configured logger's package is installed,
   with the extra to install when it is not.
+- `quiet_lightning()`: train.py and the examples turn off the messages of a
+  normal run that ask nothing of the user (Lightning's litlogger tip, its
+  `LeafSpec` deprecation warning from torch, and the eval-mode and
+  `training_step returned None` warnings that the evolution callback makes
+  meaningless: it scores in eval mode and needs no loss).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -55,3 +62,26 @@ def check_logger_installed(config: Any) -> None:
             f'pip install "m2n2-lightning[{extra}]" (in a clone: pip install -e ".[{extra}]"), '
             "or choose another logger, e.g. logger=csv."
         )
+
+
+#: Warnings of a normal evolution run that ask nothing of the user (regular expressions of their text).
+QUIET_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch 2.9 about Lightning's _pytree; Lightning's to fix
+    r"Found \d+ module\(s\) in eval mode",  # the callback loads each candidate and scores it in eval mode
+    r"`training_step` returned `None`",  # a monitor-only training_step under the callback needs no loss
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Silence the `QUIET_WARNINGS` and Lightning's advertising tips (its rank-zero log records starting
+    with '💡 Tip:'); every other warning and message stays."""
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())

@@ -98,7 +98,7 @@ class StopReport(Callback):
         #: The message, when one was given.
         self.message: str | None = None
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # also when no step ran
         from m2n2_lightning.callback import M2N2Callback  # here: the callback module imports this one
 
         evolution = next((c for c in trainer.callbacks if isinstance(c, M2N2Callback)), None)

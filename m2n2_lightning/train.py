@@ -28,7 +28,7 @@ from m2n2_lightning import EvolutionModule, FlatParams
 from m2n2_lightning.checkpointing import InterruptCheckpoint, load_checkpoint_file
 from m2n2_lightning.checks import check_optimized_metric, report_in_one_line
 from m2n2_lightning.config import register_schema, step_intervals
-from m2n2_lightning.loggers import check_logger_installed
+from m2n2_lightning.loggers import check_logger_installed, quiet_lightning
 from m2n2_lightning.merge_run import build_merge, check_merge
 from m2n2_lightning.progress import AccuracyCurve, EvolutionProgressBar
 from m2n2_lightning.resume import check_evolution_state
@@ -51,6 +51,7 @@ def main(cfg: DictConfig) -> dict | float:
     out = Path(HydraConfig.get().runtime.output_dir)
     lock_run_directory(out)  # a second run in this directory is refused
     route_lightning_logs_to_hydra()
+    quiet_lightning()  # no tips or warnings that ask nothing of the user
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # Every check before any data is read or step is run: the strategy config is a factory
     # (`_partial_: true`), called with the model's D; the data module's constructor reads nothing.

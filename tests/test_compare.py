@@ -44,8 +44,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def table_rows(path: Path) -> list[list[str]]:
-    lines = path.read_text().strip().splitlines()
+    table, note = path.read_text().strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[0].startswith("| method | seeds | forward passes | test accuracy |")
+    assert note.startswith("± is the standard error of the mean over the seeds")
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
 
 
@@ -62,7 +64,7 @@ def test_scratch_outputs(compare, tmp_path: Path) -> None:
         assert train == sorted(train)
     table = table_rows(out / "table.md")
     assert [row[0] for row in table] == ["M2N2", "GA"]
-    assert table[0][1:3] == ["1", "200"] and table[0][-1] == "≈ 87.0%"
+    assert table[0][1:3] == ["1", "200"] and table[0][-1] == "≈ 87.0% at 50,000, not this row's 200"
     assert (out / "figure.png").stat().st_size > 10_000
 
     redrawn = compare.main(["--from-csv", str(out / "results.csv"), "--methods", "ga", "--out", str(tmp_path / "again")])
@@ -175,3 +177,15 @@ def test_lm_merge_outputs(compare, tiny: Path, tmp_path: Path) -> None:  # noqa:
     assert (out / "figure.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
     again = compare.main(["--setting", "lm_merge", "--from-csv", str(out / "results.csv"), "--out", str(tmp_path / "again")])
     assert (again / "table.md").read_text() == (out / "table.md").read_text() and (again / "curves.png").is_file()
+
+
+def test_the_table_marks_the_papers_number_beside_another_budget(compare) -> None:
+    from compare_outputs import table
+
+    run = [{"test_acc": 0.8, "best_train_acc": 0.8, "wall_seconds": 1.0, "forward_passes": 3000}]
+    text = table({"m2n2": [run, run]}, "scratch", {"m2n2": 0.87})
+    assert "| ≈ 87.0% at 50,000, not this row's 3,000 |" in text and "0.800 ± 0.000" in text
+    assert "± is the standard error of the mean over the seeds" in text
+    full = [{**run[0], "forward_passes": 50_000}]
+    assert "| ≈ 87.0% |" in table({"m2n2": [full]}, "scratch", {"m2n2": 0.87})
+

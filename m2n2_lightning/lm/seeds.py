@@ -20,12 +20,14 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from m2n2_lightning.lm.tasks import (
@@ -99,9 +101,11 @@ def make_model(settings: SeedSettings) -> LlamaForCausalLM:
 
 
 def train(
-    model: torch.nn.Module, mix: tuple[tuple[Skill, float], ...], steps: int, lr: float, batch_size: int, seed: int
+    model: torch.nn.Module, mix: tuple[tuple[Skill, float], ...], steps: int, lr: float, batch_size: int, seed: int,
+    progress: tqdm | None = None,
 ) -> None:
-    """AdamW on the answers of fresh samples from the weighted mixture (never a held-out prompt).
+    """AdamW on the answers of fresh samples from the weighted mixture (never a held-out prompt); `progress`
+    counts the steps.
 
     The learning rate warms up over the first 5% of the steps and decays to
     zero with a cosine, so the model ends at rest rather than mid-step.
@@ -128,6 +132,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if progress is not None:
+            progress.update()
     model.eval()
 
 
@@ -149,7 +155,9 @@ def _settings_json(settings: SeedSettings) -> dict:
     return json.loads(json.dumps({**asdict(settings), "skills": skills}))
 
 
-def fine_tune(base: torch.nn.Module, skill: Skill, settings: SeedSettings, seed: int) -> tuple[torch.nn.Module, int, float]:
+def fine_tune(
+    base: torch.nn.Module, skill: Skill, settings: SeedSettings, seed: int, progress: tqdm | None = None
+) -> tuple[torch.nn.Module, int, float]:
     """A copy of `base` fine-tuned on `skill` in rounds of `ft_steps` until it reaches `ft_target`.
 
     The stop is measured on the skill's training prompts (the merge's
@@ -163,7 +171,10 @@ def fine_tune(base: torch.nn.Module, skill: Skill, settings: SeedSettings, seed:
     model = copy.deepcopy(base)
     train_pairs = prompt_sets(skill)[0]
     for rounds in range(1, settings.ft_max_rounds + 1):
-        train(model, ((skill, 1.0),), settings.ft_steps, settings.ft_lr, settings.batch_size, seed + 1000 * (rounds - 1))
+        if rounds > 1 and progress is not None:  # another round: the bar's total (and ETA) grows by it
+            progress.total += settings.ft_steps
+        train(model, ((skill, 1.0),), settings.ft_steps, settings.ft_lr, settings.batch_size,
+              seed + 1000 * (rounds - 1), progress)
         reached = accuracy(model, train_pairs)
         if reached >= settings.ft_target:
             break
@@ -178,12 +189,15 @@ def train_seeds(settings: SeedSettings) -> tuple[dict[str, torch.nn.Module], dic
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    progress = tqdm(total=settings.base_steps + 2 * settings.ft_steps, desc="building the seed models (once)",
+                    unit="step", file=sys.stdout, dynamic_ncols=True)
     try:
         base = make_model(settings)
-        train(base, settings.base_mix, settings.base_steps, settings.base_lr, settings.batch_size, settings.seed)
+        train(base, settings.base_mix, settings.base_steps, settings.base_lr, settings.batch_size, settings.seed,
+              progress)
         models, rounds = {"base": base}, {}
         for index, (name, skill) in enumerate(zip(SEED_NAMES[1:], (SKILL_A, SKILL_B))):
-            models[name], n, reached = fine_tune(base, skill, settings, settings.seed + 1 + index)
+            models[name], n, reached = fine_tune(base, skill, settings, settings.seed + 1 + index, progress)
             rounds[name] = {"rounds": n, "train_accuracy": reached}
             if reached < settings.ft_target:
                 warnings.warn(
@@ -193,6 +207,7 @@ def train_seeds(settings: SeedSettings) -> tuple[dict[str, torch.nn.Module], dic
                     stacklevel=2,
                 )
     finally:
+        progress.close()
         torch.set_num_threads(threads)
     return models, rounds
 
