@@ -275,7 +275,7 @@ def build_strategy(
         return spec
     if not callable(spec):
         raise ValueError(f"strategy must be a Strategy or a factory returning one, got {spec!r}")
-    extra: dict[str, Any] = {} if init_models is None else {"init_models": list(init_models)}
+    extra: dict[str, Any] = {} if init_models is None else {"init_models": init_models}  # as given: no copy
     if layout is not None and "layout" in inspect.signature(spec).parameters:
         extra.setdefault("layout", list(layout))
     strategy = spec(num_params=num_params, **extra)
