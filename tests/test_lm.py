@@ -130,7 +130,7 @@ def test_fine_tune_runs_rounds_until_its_target(
     target: float, max_rounds: int, expected_rounds: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    monkeypatch.setattr(seeds, "train", lambda model, mix, steps, lr, batch, seed: calls.append(seed))
+    monkeypatch.setattr(seeds, "train", lambda model, mix, steps, lr, batch, seed, progress=None: calls.append(seed))
     settings = replace(TINY, ft_target=target, ft_max_rounds=max_rounds)
     base = seeds.make_model(TINY).eval()
     model, rounds, reached = seeds.fine_tune(base, SKILLS["add"], settings, seed=7)
