@@ -162,10 +162,14 @@ class TaskSet:
         return sum(test[name] for name in names) / len(names) if names else None
 
     def fingerprint(self) -> str:
-        """SHA-256 of every task's examples (content and order) and its settings: a resume checks it."""
+        """SHA-256 of every task's examples (content and order) and its settings: a resume checks it.
+
+        A task's settings are its public attributes; those starting with `_` are runtime state (a loaded
+        function, a model wrapper) and are left out.
+        """
         digest = hashlib.sha256()
         for name, data in self.data.items():
-            settings = repr(sorted(vars(self.tasks[name]).items(), key=lambda kv: kv[0]))
+            settings = repr(sorted((k, v) for k, v in vars(self.tasks[name]).items() if not k.startswith("_")))
             payload = {"name": name, "task": type(self.tasks[name]).__qualname__, "settings": settings,
                        "train": data.train, "tests": data.tests}
             digest.update(json.dumps(payload, sort_keys=True, default=repr).encode())
