@@ -36,6 +36,7 @@ TASK_TYPES = {
     "dataset": "m2n2_lightning.tasks.dataset.DatasetTask",
     "skills": "m2n2_lightning.tasks.skills.SkillTask",
     "lm_eval": "m2n2_lightning.tasks.harness.HarnessTask",
+    "function": "m2n2_lightning.tasks.function.FunctionTask",
 }
 #: Recipe keys -> the app's keys (the others: models, base_model, dtype, tasks, batch_size, test_every under merge.*).
 TOP_LEVEL = {"evaluations": "forward_passes", "seed": "seed", "device": "trainer.accelerator"}
