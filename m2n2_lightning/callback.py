@@ -46,7 +46,8 @@ from m2n2_lightning.optimizer import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.resume import ResumeRecord, dataset_hash, resource_hash, run_fingerprint
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
-from m2n2_lightning.merging.seeds import SeedSource, read_seeds
+from m2n2_lightning.merging.seed_store import SeedFiles
+from m2n2_lightning.merging.seeds import SeedSet, SeedSource, read_seeds
 from m2n2_lightning.stopping import StopOnSignal
 from m2n2_lightning.strategies import M2N2Strategy
 from m2n2_lightning.strategies.mixture import SeedVectors
@@ -57,6 +58,10 @@ from m2n2_lightning.strategies.base import (
 )
 from m2n2_lightning.checks import check_labels, check_positive_int, check_resources, low_precision_of
 from m2n2_lightning.takeover import OptimizationTakeover
+
+
+#: Where the seeds of `init_from` live during the search (`M2N2Callback(seeds_in=...)`).
+SEEDS_IN = ("memory", "files")
 
 
 class M2N2Callback(Callback):
@@ -105,6 +110,12 @@ class M2N2Callback(Callback):
         allow_resume_changes: resume from a checkpoint even when the strategy's
             class or settings, the parameter layout, the seeds or the resources
             differ from the checkpoint's (refused by default, naming every difference).
+        seeds_in: where the seeds of `init_from` live during the search: "memory"
+            (read once into one [K, D] stack in their dtype; the strategy moves
+            it with itself) or "files" (left in their safetensors files and read
+            through the OS page cache each time a child is written: the merge
+            then holds the module alone, at the cost of reading the seeds again
+            per child; `merging.seed_store`). Both give the same merge.
         best_in_training_step: load the best member into the module before each
             training step, so that `training_step` monitors it. With `evaluate`,
             the module holds each child while it is scored; False spares that
@@ -144,6 +155,7 @@ class M2N2Callback(Callback):
         heatmap: bool = True,
         allow_resume_changes: bool = False,
         best_in_training_step: bool = True,
+        seeds_in: str = "memory",
     ) -> None:
         super().__init__()
         if init_from is not None and not isinstance(init_from, (str, Path, Mapping)) and isinstance(init_from, Iterable):
@@ -173,6 +185,11 @@ class M2N2Callback(Callback):
         )
         self.evolve_frozen = bool(evolve_frozen)
         self.best_in_training_step = bool(best_in_training_step)
+        if seeds_in not in SEEDS_IN:
+            raise ValueError(f"seeds_in must be one of {SEEDS_IN}, got {seeds_in!r}")
+        if seeds_in == "files" and init_from is None:
+            raise ValueError("seeds_in='files' reads the seed models of init_from from their files: give init_from")
+        self.seeds_in = seeds_in
         #: SHA-256 of each seed's tensors, computed while they were read (with `init_from`, after `setup`).
         self.seed_digests: list[str] | None = None
         self.model = model
@@ -216,15 +233,19 @@ class M2N2Callback(Callback):
         self.engine.seed_digests = self.seed_digests
 
     @torch.no_grad()
-    def _read_seeds(self, target: nn.Module, flat: FlatParams) -> SeedVectors:
-        """The seeds read lazily into one [K, D] stack (their own dtype), checked and hashed as they stream;
-        their buffers (e.g. BatchNorm statistics) are taken from the first seed, into `target`."""
-        seeds = read_seeds(target, flat.names, self.init_from)
+    def _read_seeds(self, target: nn.Module, flat: FlatParams) -> SeedVectors | SeedFiles:
+        """The seeds, checked and hashed as they stream: read lazily into one [K, D] stack in their own dtype
+        (`seeds_in="memory"`), or left in their files and read when a child is written (`"files"`); their
+        buffers (e.g. BatchNorm statistics) are taken from the first seed, into `target`."""
+        if self.seeds_in == "files":
+            seeds: SeedSet | SeedFiles = SeedFiles(target, flat, self.init_from)
+        else:
+            seeds = read_seeds(target, flat.names, self.init_from)
         buffers = dict(target.named_buffers())
         for name, value in seeds.buffers.items():
             buffers[name].copy_(value)
         self.seed_digests = seeds.digests
-        return SeedVectors(list(seeds.vectors), seeds.vectors, seeds.digests)
+        return seeds if isinstance(seeds, SeedFiles) else SeedVectors(list(seeds.vectors), seeds.vectors, seeds.digests)
 
     def optimizer(self, pl_module: L.LightningModule) -> EvolutionOptimizer:
         """The optimizer whose step is `steps_per_batch` evolution steps (what `on_fit_start` installs)."""

@@ -57,12 +57,13 @@ def seed_dirs(tmp_path: Path) -> list[Path]:
 
 
 def merge(seed_dirs: list[Path], steps: int, storage: str, root: Path, ckpt_path: str | None = None,
-          best_in_training_step: bool = False, checkpoints: bool = True) -> tuple[Holder, M2N2Callback]:
+          best_in_training_step: bool = False, checkpoints: bool = True, seeds_in: str = "memory",
+          ) -> tuple[Holder, M2N2Callback]:
     module = Holder(llama(0))
     callback = M2N2Callback(
         strategy=functools.partial(M2N2Strategy, pop_size=4, storage=storage, seed=3), init_from=seed_dirs,
         evaluate=next_token_accuracy, resources=TensorDataset(TOKENS), resource_batch_size=4, model=module.model,
-        best_in_training_step=best_in_training_step,
+        best_in_training_step=best_in_training_step, seeds_in=seeds_in,
     )
     saving = [ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_last=True)] if checkpoints else []
     trainer = L.Trainer(max_steps=steps, callbacks=[callback, *saving], logger=False, enable_progress_bar=False,

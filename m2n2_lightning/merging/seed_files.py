@@ -84,6 +84,17 @@ class TensorStore:
         with safe_open(self.files[key], framework="pt") as f:
             return f.get_tensor(key)
 
+    def read_rows(self, key: str, first: int, last: int) -> Tensor:
+        """Leading rows [first, last) of `key` (the whole value for a 0-dim one), read now; a safetensors file is
+        opened for this read alone, so its mapped pages are released when it returns."""
+        if key in self.tensors or not self.shapes[key]:
+            value = self.read(key)
+            return value[first:last] if value.dim() else value
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], framework="pt") as f:
+            return f.get_slice(key)[first:last]
+
     def read_blocks(self, key: str, elements: int) -> Iterator[Tensor]:
         """The value of `key`, flat, in blocks of whole leading rows of about `elements` values, each read when
         it is reached; a safetensors file is opened per block (`get_slice`), so neither a copy of the whole

@@ -12,6 +12,7 @@ Buffers (BatchNorm statistics) are taken from the first seed. Every problem is a
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -105,19 +106,30 @@ class SeedReader:
         self._digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy())
         return value
 
-    def read_into(self, name: str, out: Tensor) -> Tensor:
+    def read_into(self, name: str, out: Tensor | None) -> Tensor | None:
         """Parameter `name` read into `out` (as many values, any float dtype: cast there), block by block, checked
-        finite and digested as it streams (the same digest as `tensor`): the whole tensor is never held twice."""
+        finite and digested as it streams (the same digest as `tensor`): the whole tensor is never held twice.
+        With `out=None` the tensor is only checked and digested (seeds that stay in their files)."""
         key = self._key(name)
-        flat, offset = out.view(-1), 0
+        offset = 0
         self._digest.update(f"{self._store.dtypes[key]}\0{self._store.shapes[key]}\0".encode())
         for block in self._store.read_blocks(key, READ_BLOCK):
             if not _all_finite(block):
                 self.tensor(name)  # raises, counting every non-finite value of the tensor
             self._digest.update(block.contiguous().view(torch.uint8).numpy())
-            flat[offset : offset + block.numel()].copy_(block)
+            if out is not None:
+                out.view(-1)[offset : offset + block.numel()].copy_(block)
             offset += block.numel()
         return out
+
+    def read_range(self, name: str, start: int, stop: int) -> Tensor:
+        """Elements [start, stop) of parameter `name`, flat, read now (the rows holding them; not checked again)."""
+        key = self._key(name)
+        shape = self._store.shapes[key]
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        first, last = start // row, -(-stop // row)
+        rows = self._store.read_rows(key, first, last)
+        return rows.reshape(-1)[start - first * row : stop - first * row]
 
     def buffers(self) -> dict[str, Tensor]:
         """The module's floating buffers (e.g. BatchNorm running_mean/var) that the source holds, read now."""

@@ -276,13 +276,17 @@ def part_cosines(a: Tensor, b: Tensor, pieces: Sequence[Piece], num_labels: int)
     return sums[0] / (sums[1].sqrt() * sums[2].sqrt())
 
 
-def seed_vectors(init_models: Sequence[nn.Module | Tensor] | None, num_params: int) -> SeedVectors | None:
+def seed_vectors(init_models: Sequence[nn.Module | Tensor] | Any | None, num_params: int) -> SeedVectors | Any | None:
     """Seed models as flat [D] vectors (views of given tensors, no copy), checked to have D parameters
     (ValueError naming the one that differs); a `SeedVectors` keeps its stack and digests."""
     if init_models is None:
         return None
     if len(init_models) < 2:
         raise ValueError(f"init_models must hold two or more models to merge, got {len(init_models)}")
+    if hasattr(init_models, "segment"):  # seeds that stay in their files (`merging.seed_store.SeedFiles`)
+        if init_models.shape[1] != num_params:
+            raise ValueError(f"the seed models have {init_models.shape[1]} parameters, the model being evolved {num_params}")
+        return init_models
     vectors = []
     for i, model in enumerate(init_models):
         vector = FlatParams(model).flatten(model) if isinstance(model, nn.Module) else torch.as_tensor(model).detach().reshape(-1)

@@ -14,6 +14,7 @@ one of two ways:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,20 +24,21 @@ from m2n2_lightning.strategies.mixture import Form, write_form
 
 
 class Children:
-    """k candidates of D parameters: `values` [k, D], or `forms` over `seeds` [K, D] made by `owner`."""
+    """k candidates of D parameters: `values` [k, D], or `forms` over `seeds` made by `owner` (a [K, D] tensor,
+    or seeds read on demand: `mixture.seed_segment`)."""
 
     def __init__(
         self,
         values: Tensor | None = None,
         forms: Sequence[Form] | None = None,
-        seeds: Tensor | None = None,
+        seeds: Tensor | Any | None = None,
         owner: object | None = None,
     ) -> None:
         if (values is None) == (forms is None):
             raise ValueError("Children hold either dense values [k, D] or forms over seeds, not both")
         if values is not None and values.dim() != 2:
             raise ValueError(f"children values must have shape [k, D], got {tuple(values.shape)}")
-        if forms is not None and (seeds is None or seeds.dim() != 2):
+        if forms is not None and (seeds is None or len(seeds.shape) != 2):
             raise ValueError("children given as forms need the seeds [K, D] they mix")
         self.values = values
         self.forms = None if forms is None else list(forms)
@@ -76,7 +78,7 @@ class Children:
     def dense(self) -> Tensor:
         """The children as one [k, D] tensor in their dtype and device (made once, for vectorised scoring)."""
         if self.values is None:
-            out = self.seeds.new_empty(len(self.forms), self.seeds.shape[1])
+            out = torch.empty(len(self.forms), self.seeds.shape[1], dtype=self.seeds.dtype, device=self.seeds.device)
             for i, row in enumerate(out):
                 self.write(i, 0, self.seeds.shape[1], row)
             self.values = out

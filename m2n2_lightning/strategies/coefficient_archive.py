@@ -29,19 +29,24 @@ from torch import Tensor
 from m2n2_lightning.strategies import operators as ops
 from m2n2_lightning.strategies.children import Children
 from m2n2_lightning.strategies.chromosomes import Piece
-from m2n2_lightning.strategies.mixture import Form, SeedVectors, merge_equal_rows, unit_form
+from m2n2_lightning.strategies.mixture import Form, SeedVectors, merge_equal_rows, seed_segment, unit_form
 from m2n2_lightning.strategies.score_table import ScoreTable
 
 #: Coordinates per block of the seeds' prefix Gram sums (and the largest partial block computed directly).
 GRAM_BLOCK = 1 << 16
+#: Blocks of each seed fetched at a time for the prefix sums (a read of 4 MiB of bf16 from seed files).
+READ_BLOCKS = 32
 #: Segments whose Gram matrices are kept (least recently used dropped first).
 GRAM_CACHE_SIZE = 1 << 12
 
 
 class SeedGrams:
-    """G(start, stop) = X X^T [K, K] in float64 for seeds X = seeds[:, start:stop], any range of the flat vector."""
+    """G(start, stop) = X X^T [K, K] in float64 for seeds X = seeds[:, start:stop], any range of the flat vector.
 
-    def __init__(self, seeds: Tensor) -> None:
+    `seeds` is a [K, D] tensor or seeds read on demand (`mixture.seed_segment`).
+    """
+
+    def __init__(self, seeds: Any) -> None:
         self.seeds = seeds
         self._prefix: Tensor | None = None  # [blocks + 1, K, K]: sums over the whole blocks before each block
         self._cache: OrderedDict[tuple[int, int], Tensor] = OrderedDict()
@@ -65,26 +70,37 @@ class SeedGrams:
         return gram
 
     def prefix(self) -> Tensor:
-        """The prefix sums of the whole blocks' Grams (one pass over the seeds, the first time)."""
+        """The prefix sums of the whole blocks' Grams (one pass over the seeds, the first time: READ_BLOCKS
+        blocks of each seed fetched at a time, each block's Gram its own product)."""
         if self._prefix is None:
-            blocks = self.seeds.shape[1] // GRAM_BLOCK
-            grams = torch.stack([self._direct(b * GRAM_BLOCK, (b + 1) * GRAM_BLOCK) for b in range(blocks)]) if blocks else None
-            zero = torch.zeros(1, self.seeds.shape[0], self.seeds.shape[0], dtype=torch.float64)
-            self._prefix = zero if grams is None else torch.cat([zero, grams.cumsum(dim=0)])
+            num_seeds, blocks = self.seeds.shape[0], self.seeds.shape[1] // GRAM_BLOCK
+            grams = []
+            for group in range(0, blocks, READ_BLOCKS):
+                stop = min(blocks, group + READ_BLOCKS) * GRAM_BLOCK
+                rows = [seed_segment(self.seeds, k, group * GRAM_BLOCK, stop) for k in range(num_seeds)]
+                for begin in range(0, stop - group * GRAM_BLOCK, GRAM_BLOCK):
+                    grams.append(self._product([row[begin : begin + GRAM_BLOCK] for row in rows]))
+            zero = torch.zeros(1, num_seeds, num_seeds, dtype=torch.float64)
+            self._prefix = torch.cat([zero, torch.stack(grams).cumsum(dim=0)]) if grams else zero
         return self._prefix
 
     def _direct(self, start: int, stop: int) -> Tensor:
         """X X^T over [start, stop) in float64, GRAM_BLOCK columns at a time (host result)."""
         num_seeds = self.seeds.shape[0]
-        gram = torch.zeros(num_seeds, num_seeds, dtype=torch.float64, device=self.seeds.device)
+        gram = torch.zeros(num_seeds, num_seeds, dtype=torch.float64)
         for chunk in range(start, stop, GRAM_BLOCK):
-            block = self.seeds[:, chunk : min(chunk + GRAM_BLOCK, stop)]
-            if block.dtype != torch.float64:
-                if self._scratch is None:  # one scratch, made once: a temporary per chunk fragments the heap
-                    self._scratch = block.new_empty(num_seeds, GRAM_BLOCK, dtype=torch.float64)
-                block = self._scratch[:, : block.shape[1]].copy_(block)
-            gram.addmm_(block, block.T)
-        return gram.cpu()
+            end = min(chunk + GRAM_BLOCK, stop)
+            gram += self._product([seed_segment(self.seeds, k, chunk, end) for k in range(num_seeds)])
+        return gram
+
+    def _product(self, rows: list[Tensor]) -> Tensor:
+        """X X^T [K, K] in float64 of K rows of at most GRAM_BLOCK values (host result)."""
+        if self._scratch is None:  # one scratch, made once: a temporary per block fragments the heap
+            self._scratch = torch.empty(len(rows), GRAM_BLOCK, dtype=torch.float64, device=rows[0].device)
+        block = self._scratch[:, : rows[0].numel()]
+        for target, row in zip(block, rows):
+            target.copy_(row)
+        return (block @ block.T).cpu()
 
 
 class CoefficientArchive(ScoreTable):
@@ -103,12 +119,16 @@ class CoefficientArchive(ScoreTable):
     ) -> None:
         super().__init__(capacity)
         self.host_seeds = bool(host_seeds)
-        if len(seeds) < 2 or any(seed.shape != (num_params,) for seed in seeds):
+        if len(seeds) < 2 or (seeds.shape[1] != num_params if hasattr(seeds, "segment") else any(seed.shape != (num_params,) for seed in seeds)):
             raise ValueError(f"seeds must be two or more vectors of D = {num_params} parameters")
         self.num_params = num_params
-        self._sources = seeds if isinstance(seeds, SeedVectors) else SeedVectors(seeds)
-        stack = self._sources.stack(dtype or self._sources[0].dtype, self._sources[0].device)
-        self.register_buffer("seeds", stack, persistent=False)
+        self.seeds_in_files = hasattr(seeds, "segment")  # `merging.seed_store.SeedFiles`: read when needed
+        if self.seeds_in_files:
+            self._sources = self.seeds = seeds
+        else:
+            self._sources = seeds if isinstance(seeds, SeedVectors) else SeedVectors(seeds)
+            stack = self._sources.stack(dtype or self._sources[0].dtype, self._sources[0].device)
+            self.register_buffer("seeds", stack, persistent=False)
         self.forms: list[Form | None] = [None] * capacity
         self._grams = SeedGrams(self.seeds)
 
@@ -119,7 +139,9 @@ class CoefficientArchive(ScoreTable):
     @property
     def like(self) -> Tensor:
         """A tensor of the children's dtype on the strategy's device (for random draws and casts)."""
-        return self.seeds if not self.host_seeds else self.scores.new_empty(0, dtype=self.seeds.dtype)
+        if self.host_seeds or self.seeds_in_files:
+            return self.scores.new_empty(0, dtype=self.seeds.dtype)
+        return self.seeds
 
     def _children(self, forms: Sequence[Form]) -> Children:
         return Children(forms=forms, seeds=self.seeds, owner=self)
@@ -216,6 +238,8 @@ class CoefficientArchive(ScoreTable):
             offset, row = offset + count, row + count + 1
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> CoefficientArchive:
+        if self.seeds_in_files:  # nothing held to move or convert: reads come in the files' dtype
+            return super()._apply(fn, *args, **kwargs)
         seeds = self.seeds
         if self.host_seeds:  # the seeds stay in host memory: Module._apply skips a None buffer
             self._buffers["seeds"] = None

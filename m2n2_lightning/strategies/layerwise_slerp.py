@@ -115,6 +115,8 @@ class LayerwiseSlerpStrategy(Strategy):
         self._asked: Tensor | None = None  # the coefficients [k, G] of the last ask, until told
 
     def _check_seeds(self, init_models: Any) -> SeedVectors:
+        if hasattr(init_models, "segment"):  # seeds left in their files: this strategy mixes them in memory
+            init_models = SeedVectors(list(init_models), digests=init_models.digests)
         if isinstance(init_models, Tensor):  # one [2, D] tensor holds two seeds; a [D] one is a single seed
             init_models = list(init_models) if init_models.dim() == 2 else [init_models]
         if not isinstance(init_models, Sequence):

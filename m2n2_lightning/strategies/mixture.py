@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +28,8 @@ Form = tuple[Tensor, Tensor]
 #: Coordinates mixed at a time: two float32 temporaries of 256 KiB that stay in a core's cache
 #: (timings against other sizes: benchmarks/RESULTS.md, "Merging at real size").
 MIX_CHUNK = 1 << 16
+#: Coordinates read at a time from seeds that stay in their files (4 MiB of bf16 a seed).
+READ_SPAN = 1 << 21
 
 
 def unit_form(k: int, num_seeds: int) -> Form:
@@ -45,12 +48,12 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def mix(parts: Sequence[Tensor], coefficients: Sequence[float], out: Tensor) -> Tensor:
+def mix(parts: Sequence[Tensor | None], coefficients: Sequence[float], out: Tensor) -> Tensor:
     """out = sum_k coefficients[k] parts[k], each coordinate computed alone, in `compute_dtype`.
 
     Every part is converted, multiplied by its coefficient and added in that
     order (no fused multiply-add), then rounded once to `out`'s dtype; parts
-    with coefficient 0 are skipped (a seed's own row is an exact copy). The
+    with coefficient 0 are skipped (and may be None: a seed's own row is an exact copy). The
     result does not depend on how a range is cut into calls.
     """
     used = [(part, float(c)) for part, c in zip(parts, coefficients) if c != 0]
@@ -75,12 +78,22 @@ def mix(parts: Sequence[Tensor], coefficients: Sequence[float], out: Tensor) -> 
     return out
 
 
-def write_form(seeds: Sequence[Tensor], form: Form, start: int, stop: int, out: Tensor, offset: int = 0) -> Tensor:
+def seed_segment(seeds: Any, k: int, start: int, stop: int) -> Tensor:
+    """Seed k's values at [start, stop): a view of a [K, D] tensor or of the k-th of K tensors, or a read from
+    seeds that stay in their files (an object with `segment(k, start, stop)`, `merging.seed_store.SeedFiles`)."""
+    if hasattr(seeds, "segment"):
+        return seeds.segment(k, start, stop)
+    return seeds[k].view(-1)[start:stop]
+
+
+def write_form(seeds: Any, form: Form, start: int, stop: int, out: Tensor, offset: int = 0) -> Tensor:
     """Coordinates [start, stop) of the member `form` into `out` (stop - start elements, any shape and dtype).
 
-    `seeds[k]` holds coordinates [offset, offset + len) of seed k (flat views:
-    the whole [D] vectors with offset 0, or one parameter's tensors with its
-    offset in the flat vector). Segments of the form are cut at the range's ends.
+    `seeds` holds coordinates [offset, offset + len) of each seed k (a [K, D]
+    tensor or K flat tensors: the whole vectors with offset 0, or one
+    parameter's tensors with its offset in the flat vector), or reads them
+    (`seed_segment`: then READ_SPAN coordinates at a time). Segments of the
+    form are cut at the range's ends.
     """
     cuts, table = form
     flat_out = out.view(-1)
@@ -90,9 +103,12 @@ def write_form(seeds: Sequence[Tensor], form: Form, start: int, stop: int, out: 
     last = int(torch.searchsorted(cuts, torch.tensor(max(start, stop - 1), dtype=torch.long), right=True))
     bounds = [start, *cuts[first:last].tolist(), stop]
     rows = table[first : last + 1].tolist()
+    span = READ_SPAN if hasattr(seeds, "segment") else stop - start
     for begin, end, coefficients in zip(bounds, bounds[1:], rows):
-        parts = [seed.view(-1)[begin - offset : end - offset] for seed in seeds]
-        mix(parts, coefficients, flat_out[begin - start : end - start])
+        for lo in range(begin, end, max(span, 1)):
+            hi = min(end, lo + span)
+            parts = [seed_segment(seeds, k, lo - offset, hi - offset) if c else None for k, c in enumerate(coefficients)]
+            mix(parts, coefficients, flat_out[lo - start : hi - start])
     return out
 
 
@@ -116,7 +132,12 @@ class SeedVectors(list):
         """One SHA-256 over every seed's digest: the same seeds, in the same order, give the same string."""
         if self.digests is None:
             self.digests = [tensor_digest(vector) for vector in self]
-        return hashlib.sha256(" ".join(self.digests).encode()).hexdigest()
+        return combined_digest(self.digests)
+
+
+def combined_digest(digests: Sequence[str]) -> str:
+    """One SHA-256 over the seeds' digests, in order."""
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
 def tensor_digest(tensor: Tensor) -> str:

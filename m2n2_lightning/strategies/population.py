@@ -30,7 +30,7 @@ PAPER_SIGMA = 0.01
 def archive_dtype(dtype: torch.dtype | str | None, seeds: Sequence[Tensor] | None) -> torch.dtype:
     """The members' dtype: the one asked for ("bfloat16" or torch.bfloat16), else the seeds', else float32."""
     if dtype is None:
-        return seeds[0].dtype if seeds is not None else torch.float32
+        return getattr(seeds, "dtype", None) or seeds[0].dtype if seeds is not None else torch.float32
     resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
