@@ -12,7 +12,8 @@ bf16 sharded safetensors, built once under `--seeds`. Each configuration
 plain Trainer, then `save_merged` (merge_scale_run.py), in its own process
 under `/usr/bin/time -v` with its address space capped. Grid: every shape x P x
 storage with K = 2, and `--seeds-k` (K = 3, 4) with coefficients at P = 15 at
-the largest shape asked for. A configuration whose archive cannot fit
+the largest shape asked for; "coefficients/files" is the coefficient storage
+with the seeds left in their files (`M2N2Callback(seeds_in="files")`). A configuration whose archive cannot fit
 (`--mem-cap-gb` for dense and host, the free disk for mmap) is not run; the
 table gives the bytes it would need.
 
@@ -53,7 +54,7 @@ def grid(args: argparse.Namespace) -> list[tuple[str, int, int, str]]:
     """(shape, K, P, storage) of every configuration asked for."""
     configs = [(shape, 2, pop, storage) for shape in args.shapes for pop in args.pops for storage in args.storages]
     largest = max(args.shapes, key=lambda s: list(SHAPES).index(s))
-    return configs + [(largest, k, 15, "coefficients") for k in args.seeds_k]
+    return configs + [(largest, k, 15, storage) for k in args.seeds_k for storage in ("coefficients", "coefficients/files")]
 
 
 def member_bytes_per_param() -> float:
@@ -66,7 +67,7 @@ def member_bytes_per_param() -> float:
 
 def archive_bytes(storage: str, pop: int, num_params: int, per_param: float) -> int:
     """The bytes of a dense, host or mmap archive (0 for coefficients: kilobytes)."""
-    return 0 if storage == "coefficients" else int(pop * num_params * per_param)
+    return 0 if storage.startswith("coefficients") else int(pop * num_params * per_param)
 
 
 def fits(storage: str, needed: int, cap: int, work: Path) -> bool:
@@ -96,8 +97,10 @@ def peak_from_time(stderr: str) -> int:
 def run_one(config: tuple[str, int, int, str], args: argparse.Namespace, mapped: int) -> dict[str, Any]:
     """One configuration in a fresh process under `/usr/bin/time -v`; its row."""
     shape, k, pop, storage = config
+    storage, _, seeds_in = storage.partition("/")
     command = ["/usr/bin/time", "-v", sys.executable, str(HERE / "merge_scale_run.py"), "--shape", shape,
-               "--seeds-k", str(k), "--pop", str(pop), "--storage", storage, "--evaluations", str(args.evaluations),
+               "--seeds-k", str(k), "--pop", str(pop), "--storage", storage, "--seeds-in", seeds_in or "memory",
+               "--evaluations", str(args.evaluations),
                "--threads", str(args.threads), "--seeds", str(args.seeds), "--work", str(args.work)]
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
@@ -147,7 +150,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", "--shape", nargs="+", default=["255m", "0.5b"], choices=list(SHAPES))
     parser.add_argument("--pops", nargs="+", type=int, default=[5, 15, 50])
-    parser.add_argument("--storages", nargs="+", default=["coefficients", "dense", "host", "mmap"])
+    parser.add_argument("--storages", nargs="+", default=["coefficients", "coefficients/files", "dense", "host", "mmap"],
+                        help="archive storages; 'coefficients/files': with M2N2Callback(seeds_in='files')")
     parser.add_argument("--seeds-k", nargs="*", type=int, default=[3, 4], help="K > 2 runs (coefficients, P = 15)")
     parser.add_argument("--evaluations", type=int, default=12, help="training steps (one evaluation each)")
     parser.add_argument("--threads", type=int, default=2)

@@ -4,8 +4,9 @@
         --evaluations 12 --threads 2 --seeds /work/scale/seeds --work /work/scale/work
 
 The merge is the documented path: `M2N2Callback(strategy=partial(M2N2Strategy, ...),
-init_from=[seed dirs], evaluate=next_token_accuracy, resources=sequences, model=hf_model)` in a
-plain Trainer over a LightningModule whose `training_step` does nothing, then `save_merged`.
+init_from=[seed dirs], evaluate=next_token_accuracy, resources=sequences, model=hf_model,
+best_in_training_step=False)` in a plain Trainer over a LightningModule whose `training_step`
+does nothing, then `save_merged(module, out, evolution=callback)`.
 `evaluate` is wrapped by a clock, so the library's own time is the search's wall time minus it.
 """
 
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     evaluate = EvaluateClock(next_token_accuracy)
     evolution = M2N2Callback(strategy=functools.partial(M2N2Strategy, **options), init_from=[str(s) for s in seeds],
                              evaluate=evaluate, resources=sequences, resource_batch_size=len(sequences), model=model,
-                             heatmap=False)
+                             heatmap=False, best_in_training_step=False,  # training_step reads no weights
+                             seeds_in=args.seeds_in)
     search = SearchClock()
     trainer = L.Trainer(max_steps=args.evaluations, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[evolution, search])
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rss_after_fit = peak_rss_bytes()
     out = args.work / f"merged-{args.shape}-{args.seeds_k}-{args.pop}-{args.storage}"
     start = time.perf_counter()
-    save_merged(module, out)
+    save_merged(module, out, evolution=evolution)  # weights, card and recipe
     save_seconds = time.perf_counter() - start
     shutil.rmtree(out)
     count, inside = evaluate.seconds_between(search.start, search.stop)
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--seeds-k", type=int, required=True)
     parser.add_argument("--pop", type=int, required=True)
     parser.add_argument("--storage", required=True)
+    parser.add_argument("--seeds-in", default="memory", choices=["memory", "files"])
     parser.add_argument("--evaluations", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seeds", type=Path, required=True, help="the seed cache (merge_scale_seeds)")
