@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import multiprocessing
 import time
 import warnings
@@ -29,10 +28,10 @@ from torch import Tensor, nn
 from m2n2_lightning.config import register_schema, steps_for
 from m2n2_lightning.engine import EvolutionEngine
 from m2n2_lightning.evaluator import Evaluator
+from m2n2_lightning.lm.baselines import best_slerp
 from m2n2_lightning.params import FlatParams, flat_vector
 from m2n2_lightning.specialists import SPECIALIST_CLASSES, train_specialists
 from m2n2_lightning.strategies.base import build_strategy
-from m2n2_lightning.strategies.operators import slerp
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "m2n2_lightning" / "conf"
 STRATEGY_METHODS = (
@@ -194,20 +193,15 @@ def brute_force(spec: RunSpec, model: nn.Module, train: tuple[Tensor, Tensor], t
         raise ValueError(f"{BRUTE_FORCE} merges two given models (--setting merge)")
     evaluator = Evaluator(model, *train, spec.score_fn, spec.chunk_size, dtype=spec.score_dtype)
     a, b = (m.to(evaluator.inputs.device) for m in spec.init_models)
-    weights = torch.linspace(0, 1, spec.forward_passes, device=a.device)
     recorder = Recorder(spec, model, train, test)
-    best, best_score, done = a, -math.inf, 0
-    evaluator.flat.load_into(model, best)
-    recorder.after_step(done, best)  # w = 0, the first specialist (scored again in the first chunk)
-    for chunk in weights.split(BRUTE_FORCE_CHUNK):
-        candidates = slerp(a.expand(len(chunk), -1), b.expand(len(chunk), -1), chunk.unsqueeze(1))
-        scores = evaluator(candidates).mean(dim=1)
-        top = int(scores.argmax())
-        if scores[top].item() > best_score:
-            best, best_score = candidates[top], scores[top].item()
-        done += len(chunk)
+    evaluator.flat.load_into(model, a)
+    recorder.after_step(0, a)  # w = 0, the first specialist (scored again in the first chunk)
+
+    def after_chunk(done: int, best: Tensor) -> None:
         evaluator.flat.load_into(model, best)
         recorder.after_step(done, best)
+
+    best_slerp(evaluator, a, b, spec.forward_passes, BRUTE_FORCE_CHUNK, after_chunk)
     return recorder.rows
 
 

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from test_lm_eval_task import base_with_tokenizer
 from test_lm_merge import tiny  # noqa: F401  (the tiny seed models, a module fixture)
-from test_merge_cli import merge
+from test_merge_cli import merge, write_recipe
 from transformers import AutoModelForCausalLM
 
 from m2n2_lightning.lm.tasks import SKILLS, prompt_sets
@@ -103,14 +102,8 @@ def test_examples_that_cannot_be_read_are_refused(user_module: Path) -> None:
 
 
 def recipe_file(tiny: Path, folder: Path, score: str, base: Path) -> Path:  # noqa: F811
-    recipe = {
-        "models": [str(tiny / "skill_a"), str(tiny / "skill_b")], "base_model": str(base), "merge_method": "m2n2_merge",
-        "parameters": {"pop_size": 4, "warmup_steps": 2}, "evaluations": 4, "batch_size": 4,
-        "tasks": {"mine": {"type": "function", "score": score, "train": pairs(0, 6), "test": pairs(1, 4)}},
-    }
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return write_recipe(tiny, base, folder, {"mine": {"type": "function", "score": score, "train": pairs(0, 6),
+                                                      "test": pairs(1, 4)}})
 
 
 def test_m2n2_merge_with_a_function_task(tiny: Path, user_module: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from test_lm_merge import tiny  # noqa: F401  (the tiny seed models, a module fixture)
-from test_merge_cli import answer_probability, char_tokenizer, merge, write_rows
+from test_merge_cli import answer_probability, char_tokenizer, merge, probability_task, write_recipe, write_rows
 from transformers import AutoModelForCausalLM
 
 from m2n2_lightning.lm.tasks import SKILLS, TOKENIZER, prompt_sets
@@ -151,24 +151,11 @@ def base_with_tokenizer(tiny: Path, folder: Path) -> Path:  # noqa: F811
 @pytest.fixture
 def recipe(tiny: Path, tmp_path: Path, tasks: Path) -> Path:  # noqa: F811
     base = base_with_tokenizer(tiny, tmp_path)
-    recipe = {
-        "models": [str(tiny / "skill_a"), str(tiny / "skill_b")],
-        "base_model": str(base),
-        "merge_method": "m2n2_merge",
-        "parameters": {"pop_size": 4, "warmup_steps": 2},
-        "evaluations": 6,
-        "batch_size": 4,
-        "tasks": {
-            "choice": {"type": "lm_eval", "task": "toy_choice", "include_path": str(tasks), "metric": "acc",
-                       "num_fewshot": 1, "batch_size": 8},
-            "math": {"type": "dataset", "path": "json", "template": "{question}=", "answer": "answer", "extract": None,
-                     "metric": "answer_probability",
-                     "data_files": {"train": str(tasks / "add_train.jsonl"), "test": str(tasks / "add_test.jsonl")}},
-        },
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    choice = {"type": "lm_eval", "task": "toy_choice", "include_path": str(tasks), "metric": "acc", "num_fewshot": 1,
+              "batch_size": 8}
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_bytes((tasks / f"add_{split}.jsonl").read_bytes())
+    return write_recipe(tiny, base, tmp_path, {"choice": choice, "math": probability_task(tmp_path)})
 
 
 def test_m2n2_merge_with_an_lm_eval_task_and_a_dataset_task(recipe: Path, tasks: Path, tmp_path: Path) -> None:

@@ -52,6 +52,19 @@ def recipe(tiny: Path, tmp_path: Path) -> Path:  # noqa: F811
     train, test = prompt_sets(SKILLS["add"])
     write_rows(tmp_path / "train.jsonl", train[:10])
     write_rows(tmp_path / "test.jsonl", test[:6])
+    skills = {"type": "skills", "train": ["rev"], "test": ["rev"], "score": "char_fraction"}
+    return write_recipe(tiny, base, tmp_path, {"math": probability_task(tmp_path), "skills": skills})
+
+
+def probability_task(folder: Path) -> dict:
+    """A dataset task over folder/train.jsonl and folder/test.jsonl scored by the answer's probability."""
+    return {"type": "dataset", "path": "json", "template": "{question}=", "answer": "answer", "extract": None,
+            "metric": "answer_probability",
+            "data_files": {"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")}}
+
+
+def write_recipe(tiny: Path, base: Path, folder: Path, tasks: dict) -> Path:
+    """folder/recipe.yaml: the two tiny seeds merged by M2N2 (4 members) for 6 evaluations on `tasks`."""
     recipe = {
         "models": [{"model": str(tiny / "skill_a")}, {"model": str(tiny / "skill_b")}],
         "base_model": str(base),
@@ -59,14 +72,9 @@ def recipe(tiny: Path, tmp_path: Path) -> Path:  # noqa: F811
         "parameters": {"pop_size": 4, "warmup_steps": 2},
         "evaluations": 6,
         "batch_size": 4,
-        "tasks": {
-            "math": {"type": "dataset", "path": "json", "template": "{question}=", "answer": "answer", "extract": None,
-                     "metric": "answer_probability",
-                     "data_files": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")}},
-            "skills": {"type": "skills", "train": ["rev"], "test": ["rev"], "score": "char_fraction"},
-        },
+        "tasks": tasks,
     }
-    path = tmp_path / "recipe.yaml"
+    path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 

@@ -10,8 +10,9 @@ reported, as for every method: the choice never sees a test prompt.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -70,16 +71,29 @@ def slerp_sweep(
         raise ValueError(f"the SLERP sweep merges exactly two seed models, got {seeds!r}")
     start = time.perf_counter()
     flat = FlatParams(model)
-    a, b = seed_vectors(model, flat, seeds).split(1)
+    a, b = seed_vectors(model, flat, seeds)
     evaluator = ModuleEvaluator(model, flat, score, resource_batches(resources, 0, len(resources), resource_batch_size))
-    weights = torch.linspace(0, 1, points, dtype=a.dtype)
-    best, best_w, best_score = a[0], 0.0, -1.0
-    for chunk in weights.split(SWEEP_CHUNK):
-        candidates = slerp(a.expand(len(chunk), -1), b.expand(len(chunk), -1), chunk.unsqueeze(1))
-        means = evaluator(candidates).mean(dim=1)
-        top = int(means.argmax())
-        if float(means[top]) > best_score:
-            best, best_w, best_score = candidates[top].clone(), float(chunk[top]), float(means[top])
+    best, best_w, best_score = best_slerp(evaluator, a, b, points, SWEEP_CHUNK)
     flat.load_into(model, best)
     settings = {"points": points, "best_w": best_w, "best_train_score": best_score}
     return _result(model, resources, tests, test_fn, points, time.perf_counter() - start, settings)
+
+
+@torch.no_grad()
+def best_slerp(evaluator: Callable[[Tensor], Tensor], a: Tensor, b: Tensor, points: int, chunk: int,
+               after_chunk: Callable[[int, Tensor], None] | None = None) -> tuple[Tensor, float, float]:
+    """The SLERP of `a` and `b` [D] with the best mean score among `points` weights w = linspace(0, 1) (the first
+    on ties), scored `chunk` weights per `evaluator` call ([k, D] -> [k, N] scores); returns (merge, w, mean score).
+    `after_chunk(weights scored so far, best merge so far)` is called after each chunk (a benchmark's curve)."""
+    weights = torch.linspace(0, 1, points, dtype=a.dtype, device=a.device)
+    best, best_w, best_score, done = a, 0.0, -math.inf, 0
+    for part in weights.split(chunk):
+        candidates = slerp(a.expand(len(part), -1), b.expand(len(part), -1), part.unsqueeze(1))
+        means = evaluator(candidates).mean(dim=1)
+        top = int(means.argmax())
+        if float(means[top]) > best_score:
+            best, best_w, best_score = candidates[top].clone(), float(part[top]), float(means[top])
+        done += len(part)
+        if after_chunk is not None:
+            after_chunk(done, best)
+    return best, best_w, best_score
