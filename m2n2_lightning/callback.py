@@ -46,11 +46,10 @@ from m2n2_lightning.optimizer import EvolutionOptimizer, check_precision
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.resume import ResumeRecord, dataset_hash, resource_hash, run_fingerprint
 from m2n2_lightning.scoring import ScoreFn, get_score_fn
-from m2n2_lightning.merging.seed_store import SeedFiles
-from m2n2_lightning.merging.seeds import SeedSet, SeedSource, read_seeds
+from m2n2_lightning.merging.seed_store import SEEDS_IN, load_seeds
+from m2n2_lightning.merging.seeds import SeedSource
 from m2n2_lightning.stopping import StopOnSignal
 from m2n2_lightning.strategies import M2N2Strategy
-from m2n2_lightning.strategies.mixture import SeedVectors
 from m2n2_lightning.strategies.base import (
     Strategy,
     StrategySpec,
@@ -58,10 +57,6 @@ from m2n2_lightning.strategies.base import (
 )
 from m2n2_lightning.checks import check_labels, check_positive_int, check_resources, low_precision_of
 from m2n2_lightning.takeover import OptimizationTakeover
-
-
-#: Where the seeds of `init_from` live during the search (`M2N2Callback(seeds_in=...)`).
-SEEDS_IN = ("memory", "files")
 
 
 class M2N2Callback(Callback):
@@ -224,28 +219,14 @@ class M2N2Callback(Callback):
         flat = FlatParams(target, include_frozen=self.evolve_frozen)
         seeds = None
         if self.init_from is not None:
-            seeds = self._read_seeds(target, flat)
+            seeds = load_seeds(target, flat, self.init_from, self.seeds_in)
+            self.seed_digests = seeds.digests
         strategy = build_strategy(self.strategy_spec, flat.num_params, seeds, flat.layout)
         self.engine = EvolutionEngine(
             target, strategy, self.score_fn, self.chunk_size, self.block_size,
             precision_dtype(trainer) or low_precision_of(target), flat,
         )
         self.engine.seed_digests = self.seed_digests
-
-    @torch.no_grad()
-    def _read_seeds(self, target: nn.Module, flat: FlatParams) -> SeedVectors | SeedFiles:
-        """The seeds, checked and hashed as they stream: read lazily into one [K, D] stack in their own dtype
-        (`seeds_in="memory"`), or left in their files and read when a child is written (`"files"`); their
-        buffers (e.g. BatchNorm statistics) are taken from the first seed, into `target`."""
-        if self.seeds_in == "files":
-            seeds: SeedSet | SeedFiles = SeedFiles(target, flat, self.init_from)
-        else:
-            seeds = read_seeds(target, flat.names, self.init_from)
-        buffers = dict(target.named_buffers())
-        for name, value in seeds.buffers.items():
-            buffers[name].copy_(value)
-        self.seed_digests = seeds.digests
-        return seeds if isinstance(seeds, SeedFiles) else SeedVectors(list(seeds.vectors), seeds.vectors, seeds.digests)
 
     def optimizer(self, pl_module: L.LightningModule) -> EvolutionOptimizer:
         """The optimizer whose step is `steps_per_batch` evolution steps (what `on_fit_start` installs)."""

@@ -21,9 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from m2n2_lightning.merging.seed_files import SeedSource
-from m2n2_lightning.merging.seeds import SeedReader
+from m2n2_lightning.merging.seeds import SeedReader, read_seeds
 from m2n2_lightning.params import FlatParams
-from m2n2_lightning.strategies.mixture import combined_digest
+from m2n2_lightning.strategies.mixture import SeedVectors, combined_digest
+
+#: Where the seeds of a merge live during the search (`M2N2Callback(seeds_in=...)`, `load_seeds`).
+SEEDS_IN = ("memory", "files")
 
 
 class SeedFiles:
@@ -81,3 +84,24 @@ class SeedFiles:
     def fingerprint(self) -> str:
         """One SHA-256 over the seeds' digests (as `SeedVectors.fingerprint`)."""
         return combined_digest(self.digests)
+
+
+@torch.no_grad()
+def load_seeds(
+    target: nn.Module, flat: FlatParams, sources: Iterable[SeedSource], seeds_in: str = "memory"
+) -> SeedVectors | SeedFiles:
+    """The seeds of a merge onto `target`'s parameters, checked and hashed as they stream (`.digests`): read
+    lazily into one [K, D] stack in their own dtype ("memory"), or left in their files and read when a child is
+    written ("files"). Their buffers (e.g. BatchNorm statistics) are taken from the first seed, into `target`."""
+    if seeds_in not in SEEDS_IN:
+        raise ValueError(f"seeds_in must be one of {SEEDS_IN}, got {seeds_in!r}")
+    if seeds_in == "files":
+        seeds: SeedFiles | SeedVectors = SeedFiles(target, flat, sources)
+        buffers_of = seeds.buffers
+    else:
+        read = read_seeds(target, flat.names, sources)
+        seeds, buffers_of = SeedVectors(list(read.vectors), read.vectors, read.digests), read.buffers
+    buffers = dict(target.named_buffers())
+    for name, value in buffers_of.items():
+        buffers[name].copy_(value)
+    return seeds
