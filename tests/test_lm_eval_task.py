@@ -18,7 +18,14 @@ import pytest
 import torch
 import yaml
 from test_lm_merge import tiny  # noqa: F401  (the tiny seed models, a module fixture)
-from test_merge_cli import answer_probability, char_tokenizer, merge, probability_task, write_recipe, write_rows
+from test_merge_cli import (
+    answer_probability,
+    char_tokenizer,
+    merge,
+    probability_task,
+    write_recipe,
+    write_rows,
+)
 from transformers import AutoModelForCausalLM
 
 from m2n2_lightning.lm.tasks import SKILLS, TOKENIZER, prompt_sets
