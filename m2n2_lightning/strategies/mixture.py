@@ -25,9 +25,9 @@ from torch import Tensor
 
 #: A member: breakpoints int64 [B] and coefficient table float64 [B + 1, K], on the host.
 Form = tuple[Tensor, Tensor]
-#: Coordinates mixed at a time: two float32 temporaries of 256 KiB that stay in a core's cache
-#: (timings against other sizes: benchmarks/RESULTS.md, "Merging at real size").
-MIX_CHUNK = 1 << 16
+#: Coordinates mixed at a time: two float32 temporaries of 1 MiB, near a core's cache, in few
+#: kernel calls (timings against other sizes: benchmarks/RESULTS.md, "Merging at real size").
+MIX_CHUNK = 1 << 18
 #: Coordinates read at a time from seeds that stay in their files (4 MiB of bf16 a seed).
 READ_SPAN = 1 << 21
 
@@ -51,8 +51,9 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 def mix(parts: Sequence[Tensor | None], coefficients: Sequence[float], out: Tensor) -> Tensor:
     """out = sum_k coefficients[k] parts[k], each coordinate computed alone, in `compute_dtype`.
 
-    Every part is converted, multiplied by its coefficient and added in that
-    order (no fused multiply-add), then rounded once to `out`'s dtype; parts
+    Every part is widened, multiplied by its coefficient and added in that
+    order (separate kernels: no fused multiply-add), then rounded once to
+    `out`'s dtype (three kernels a chunk for two parts); parts
     with coefficient 0 are skipped (and may be None: a seed's own row is an exact copy). The
     result does not depend on how a range is cut into calls.
     """
@@ -62,19 +63,25 @@ def mix(parts: Sequence[Tensor | None], coefficients: Sequence[float], out: Tens
     if len(used) == 1 and used[0][1] == 1.0:
         return out.copy_(used[0][0])
     dtype = compute_dtype(out, *(part for part, _ in used))
+    # one-element weights take part in type promotion: a 16-bit part is widened exactly, then multiplied in `dtype`
+    weights = [torch.tensor([c], dtype=dtype, device=out.device) for _, c in used]
     size = min(out.numel(), MIX_CHUNK)
     total = torch.empty(size, dtype=dtype, device=out.device)
     term = torch.empty(size, dtype=dtype, device=out.device)
-    flat_out = out.view(-1)
+    flat_out, last = out.view(-1), len(used) - 1
     for start in range(0, flat_out.numel(), MIX_CHUNK):
         stop = min(start + MIX_CHUNK, flat_out.numel())
         acc, scratch = total[: stop - start], term[: stop - start]
-        for i, (part, c) in enumerate(used):
-            target = acc if i == 0 else scratch
-            target.copy_(part.view(-1)[start:stop]).mul_(c)
-            if i:
+        for i, ((part, _), weight) in enumerate(zip(used, weights)):
+            values = part.view(-1)[start:stop].to(out.device)
+            if i == 0:  # with one part, straight into out (rounded once from `dtype`)
+                torch.mul(values, weight, out=acc if last else flat_out[start:stop])
+                continue
+            torch.mul(values, weight, out=scratch)
+            if i < last:
                 acc.add_(scratch)
-        flat_out[start:stop].copy_(acc)
+            else:  # the last sum rounded once from `dtype` into out
+                torch.add(acc, scratch, out=flat_out[start:stop])
     return out
 
 
