@@ -74,14 +74,15 @@ class SeedGrams:
         blocks of each seed fetched at a time, each block's Gram its own product)."""
         if self._prefix is None:
             num_seeds, blocks = self.seeds.shape[0], self.seeds.shape[1] // GRAM_BLOCK
-            grams = []
+            # preallocated: small results made between the reads would pin freed read buffers in the heap
+            grams = torch.zeros(blocks + 1, num_seeds, num_seeds, dtype=torch.float64)
             for group in range(0, blocks, READ_BLOCKS):
                 stop = min(blocks, group + READ_BLOCKS) * GRAM_BLOCK
                 rows = [seed_segment(self.seeds, k, group * GRAM_BLOCK, stop) for k in range(num_seeds)]
-                for begin in range(0, stop - group * GRAM_BLOCK, GRAM_BLOCK):
-                    grams.append(self._product([row[begin : begin + GRAM_BLOCK] for row in rows]))
-            zero = torch.zeros(1, num_seeds, num_seeds, dtype=torch.float64)
-            self._prefix = torch.cat([zero, torch.stack(grams).cumsum(dim=0)]) if grams else zero
+                for index, begin in enumerate(range(0, stop - group * GRAM_BLOCK, GRAM_BLOCK), start=group + 1):
+                    grams[index] = self._product([row[begin : begin + GRAM_BLOCK] for row in rows])
+                del rows  # before the next group is read
+            self._prefix = grams.cumsum(dim=0)
         return self._prefix
 
     def _direct(self, start: int, stop: int) -> Tensor:
