@@ -23,9 +23,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from merge_scale_seeds import build_model, load_sequences, model_bytes, seed_dirs
+from merge_scale_seeds import load_sequences, model_bytes, seed_dirs
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
 
 from m2n2_lightning import M2N2Callback, M2N2Strategy
 from m2n2_lightning.merging.output import save_merged
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     seeds = seed_dirs(args.seeds, args.shape, args.seeds_k)
     sequences = list(load_sequences(args.seeds, args.shape))
-    model = build_model(args.shape)
+    # the holding model as a user loads one: from_pretrained of the base, in bf16 (no float32 initialisation)
+    model = AutoModelForCausalLM.from_pretrained(args.seeds / args.shape / "base", dtype=torch.bfloat16).eval()
     options: dict[str, Any] = {"pop_size": args.pop, "warmup_steps": 5, "storage": args.storage}
     if args.storage == "mmap":
         options["storage_dir"] = str(args.work)
