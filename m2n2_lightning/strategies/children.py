@@ -90,7 +90,3 @@ class Children:
         if flat.num_params != self.num_params:
             raise ValueError(f"children of D = {self.num_params} parameters cannot be loaded into a module of {flat.num_params}")
         return flat.write_into(module, lambda start, stop, out: self.write(index, start, stop, out))
-
-    def to_dense(self) -> Children:
-        """Dense children with the same values (for storages that keep members dense)."""
-        return self if self.forms is None else Children(values=self.dense())
