@@ -275,7 +275,9 @@ def build_strategy(
         return spec
     if not callable(spec):
         raise ValueError(f"strategy must be a Strategy or a factory returning one, got {spec!r}")
-    extra: dict[str, Any] = {} if init_models is None else {"init_models": init_models}  # as given: no copy
+    if init_models is not None and not isinstance(init_models, list) and not hasattr(init_models, "segment"):
+        init_models = list(init_models)  # a list (a `SeedVectors` keeps its stack; seeds in files stay as they are)
+    extra: dict[str, Any] = {} if init_models is None else {"init_models": init_models}
     if layout is not None and "layout" in inspect.signature(spec).parameters:
         extra.setdefault("layout", list(layout))
     strategy = spec(num_params=num_params, **extra)
