@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,20 @@ def replace_worst(members, scores, occupied, child, child_scores, alpha: float) 
     worst = _ops.worst_after_insert(scores, child_scores, alpha)
     archive_of(members, scores, occupied).write(worst, Children.of(child.unsqueeze(0)), 0, child_scores)
     return worst
+
+
+@pytest.fixture()
+def lightning_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """`caplog`, also attached straight to Lightning's rank-zero logger at INFO: an earlier test (Hydra's logging
+    set-up, a Trainer) may leave Lightning's loggers not propagating to the root, where `caplog` listens."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(caplog.handler)
+    level, disabled = logger.level, logger.disabled
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+        logger.disabled = disabled

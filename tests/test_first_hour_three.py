@@ -143,7 +143,7 @@ def test_examples_and_benchmarks_write_outside_the_clone_or_are_ignored() -> Non
     assert 'default="outputs/merged_lm"' in (ROOT / "examples" / "merge_language_models.py").read_text()
 
 
-def test_quiet_lightning_drops_the_tips_and_the_known_noise_only(caplog) -> None:
+def test_quiet_lightning_drops_the_tips_and_the_known_noise_only(lightning_log) -> None:
     import warnings
 
     from lightning.pytorch.utilities import rank_zero_info
@@ -156,7 +156,7 @@ def test_quiet_lightning_drops_the_tips_and_the_known_noise_only(caplog) -> None
         warnings.warn("Found 33 module(s) in eval mode at the start of training.", UserWarning)
         warnings.warn("something else", UserWarning)
     assert [str(w.message) for w in caught] == ["something else"]
-    with caplog.at_level("INFO"):
+    with lightning_log.at_level("INFO"):
         rank_zero_info("💡 Tip: For seamless cloud logging ...")
         rank_zero_info("`Trainer.fit` stopped: `max_steps=6` reached.")
-    assert "Tip" not in caplog.text and "max_steps=6" in caplog.text
+    assert "Tip" not in lightning_log.text and "max_steps=6" in lightning_log.text

@@ -208,7 +208,7 @@ class DiskFills(L.Callback):
             raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_full_disk_names_the_checkpoint_to_resume_from_and_writes_nothing(tmp_path, caplog) -> None:
+def test_a_full_disk_names_the_checkpoint_to_resume_from_and_writes_nothing(tmp_path, lightning_log) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from m2n2_lightning.checkpointing import InterruptCheckpoint
@@ -219,10 +219,11 @@ def test_a_full_disk_names_the_checkpoint_to_resume_from_and_writes_nothing(tmp_
                             resources=examples(), heatmap=False)
     trainer = make_trainer(tmp_path, 20, [callback, checkpoints, InterruptCheckpoint(tmp_path), DiskFills(5)],
                            enable_checkpointing=True)
-    with caplog.at_level("INFO"), pytest.raises(BadRunInput, match="No space left on device"):
+    with pytest.raises(BadRunInput, match="No space left on device"):
         report_in_one_line(trainer.fit)(Tiny())
     newest = tmp_path / "epoch=0-step=4.ckpt"
-    assert f"the disk holding {tmp_path} is full" in caplog.text and f"resume with ckpt_path={newest}" in caplog.text
+    text = lightning_log.text
+    assert f"the disk holding {tmp_path} is full" in text and f"resume with ckpt_path={newest}" in text
     assert not (tmp_path / "interrupted.ckpt").exists()
 
 
