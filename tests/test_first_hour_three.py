@@ -45,6 +45,7 @@ def evolve(root: Path, steps: int, callbacks: list, ckpt_path: Path | None = Non
     return module
 
 
+@pytest.mark.slow  # a whole train.py / m2n2-merge run in a subprocess (CI runs it)
 def test_a_default_run_is_quiet_and_a_resumed_finished_run_reports_no_work(tmp_path) -> None:
     first = run_train(tmp_path, "forward_passes=300")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -59,6 +60,7 @@ def test_a_default_run_is_quiet_and_a_resumed_finished_run_reports_no_work(tmp_p
     assert summary["forward_passes_per_second"] is None and "0 forward passes in" in again.stderr + again.stdout
 
 
+@pytest.mark.slow  # a whole train.py / m2n2-merge run in a subprocess (CI runs it)
 def test_a_bad_value_is_one_line_and_the_traceback_is_behind_hydra_full_error(tmp_path) -> None:
     result = run_train(tmp_path, "strategy.pop_size=1")
     assert result.returncode == 1 and "Traceback" not in result.stderr

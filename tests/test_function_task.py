@@ -106,6 +106,7 @@ def recipe_file(tiny: Path, folder: Path, score: str, base: Path) -> Path:  # no
                                                       "test": pairs(1, 4)}})
 
 
+@pytest.mark.slow  # a whole train.py / m2n2-merge run in a subprocess (CI runs it)
 def test_m2n2_merge_with_a_function_task(tiny: Path, user_module: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     monkeypatch.setenv("PYTHONPATH", str(user_module))
     out = user_module / "run"

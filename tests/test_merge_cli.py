@@ -101,6 +101,7 @@ def answer_probability(model: torch.nn.Module, rows: list[tuple[str, str]]) -> f
     return total / len(rows)
 
 
+@pytest.mark.slow  # a whole train.py / m2n2-merge run in a subprocess (CI runs it)
 def test_m2n2_merge_runs_a_recipe_with_a_dataset_task_and_the_skills(recipe: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     merge(recipe, out)
@@ -138,6 +139,7 @@ def test_m2n2_merge_resumes_exactly_and_refuses_changed_task_data(recipe: Path, 
     assert refused.returncode != 0 and "other task data" in refused.stderr
 
 
+@pytest.mark.slow  # a whole train.py / m2n2-merge run in a subprocess (CI runs it)
 def test_bad_recipes_and_tasks_fail_before_any_model_loads(recipe: Path, tmp_path: Path) -> None:
     content = yaml.safe_load(recipe.read_text())
     with pytest.raises(ValueError, match="unknown recipe keys \\['merge_methd'\\]"):

@@ -31,6 +31,7 @@ def test_intervals_are_evaluations_whatever_the_candidates_per_step() -> None:
     assert step_intervals(cfg, 50)["val_check_interval"] == 10
 
 
+@pytest.mark.slow  # a whole train.py / m2n2-merge run in a subprocess (CI runs it)
 def test_checkpoint_every_counts_evaluations_in_a_layerwise_slerp_merge(tiny: Path, tmp_path: Path) -> None:  # noqa: F811
     train_lm(tmp_path, *tiny_seeds(tiny), "strategy=cmaes_layerwise_slerp", "forward_passes=75", "checkpoint_every=25",
              "checkpoint.save_top_k=-1", "+checkpoint.filename='{step}'")

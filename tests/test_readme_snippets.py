@@ -67,7 +67,7 @@ def test_the_readme_has_its_python_blocks() -> None:
 
 @pytest.mark.parametrize(
     "heading,code",
-    [pytest.param(h, c, marks=[pytest.mark.slow] if "init_from" in c else []) for h, c in BLOCKS],
+    [pytest.param(h, c, marks=[pytest.mark.slow] if "init_from" in c or "M2N2Callback(" in c else []) for h, c in BLOCKS],
     ids=[f"{i}-{h[:30]}" for i, (h, _) in enumerate(BLOCKS)],
 )
 def test_a_readme_python_block_runs(heading: str, code: str, tmp_path: Path) -> None:

@@ -175,6 +175,7 @@ def test_rebuild_is_bit_identical_to_the_search(tmp_path: Path, target_is_lm: bo
         assert torch.equal(value, module.model.state_dict()[name]), name
 
 
+@pytest.mark.slow  # a whole train.py / m2n2-merge run in a subprocess (CI runs it)
 def test_console_rebuild_and_moved_seeds(tmp_path: Path) -> None:
     strategy = functools.partial(LayerwiseSlerpStrategy, popsize=4, seed=0)  # a form with one segment per layer
     module, callback, seeds = run_search(tmp_path, strategy, target_is_lm=True)

@@ -83,8 +83,8 @@ def test_unknown_keys_and_wrong_types_fail_in_hydra() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [("strategy.pop_size=1", "pop_size must be an integer >= 2, got 1"),
-     ("strategy.alpha=-1", "alpha must be a finite number >= 0"),
-     ("forward_passes=0", "forward_passes must be >= 1")],
+     pytest.param("strategy.alpha=-1", "alpha must be a finite number >= 0", marks=pytest.mark.slow),
+     pytest.param("forward_passes=0", "forward_passes must be >= 1", marks=pytest.mark.slow)],
 )
 def test_out_of_range_values_fail_before_any_work(tmp_path, override, message) -> None:
     result = run_train(tmp_path, override)
