@@ -185,7 +185,7 @@ class MergeRun:
         }
         if not trainer.is_global_zero:  # under DDP every rank holds the same result: rank zero writes it
             return summary
-        save_merged(self.model, out / "best_model", evolution=self.evolution, tokenizer_from=self.base, test_scores=test)
+        save_merged(self.model, out / "best_model", evolution=self.evolution, tokenizer_from=[self.base], test_scores=test)
         OmegaConf.save(self.cfg.merge, out / "best_model" / "merge_recipe.yaml", resolve=True)
         write_curve(self.recorder.curve, out / "curves.csv")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -209,6 +209,7 @@ def build_merge(cfg: Any, checkpoints: ModelCheckpoint) -> MergeRun:
         model=model, chunk_size=cfg.module.chunk_size, block_size=cfg.module.block_size,
         steps_per_batch=cfg.module.steps_per_batch, max_forward_passes=cfg.forward_passes, heatmap=False,
         allow_resume_changes=cfg.allow_resume_changes,
+        best_in_training_step=False,  # LanguageModel.training_step reads no weights: no reload of the best a step
     )
     recorder = CurveRecorder(evolution, tasks.test_sets(), tasks.test_accuracy, cfg.merge.test_every)
     callbacks = [evolution, StepIntervals(cfg, evolution, checkpoints), recorder,

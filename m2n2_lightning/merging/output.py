@@ -49,7 +49,7 @@ def save_merged(
     directory: str | os.PathLike,
     *,
     evolution: Any = None,
-    tokenizer_from: str | os.PathLike | None = None,
+    tokenizer_from: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     max_shard_size: int | str | None = None,
     test_scores: Mapping[str, float] | None = None,
 ) -> Path:
@@ -60,8 +60,10 @@ def save_merged(
     is written with ``save_pretrained``; anything else as safetensors. Shards:
     `max_shard_size` ("2GB" or bytes), else the first seed's largest shard
     when it is sharded, else one file. Tokenizer files, chat template and
-    generation config are copied from `tokenizer_from`, else from the first
-    seed folder (or hub repository) holding them.
+    generation config are copied from `tokenizer_from` (an error if it holds
+    no tokenizer), else from the first seed folder (or hub repository) holding
+    them; `tokenizer_from` given as a list (e.g. `[base]`) is tried first, in
+    order, before the seeds, and none of them need hold one.
 
     `evolution` is the `M2N2Callback` of the search (after fit), or a
     `Recipe`: then README.md describes the merge (seeds and digests, method
@@ -83,9 +85,11 @@ def save_merged(
         recipe = dataclasses.replace(evolution, scores={**evolution.scores, **checked_scores(test_scores)})
     else:
         recipe = recipe_of(evolution, model, test_scores, None if hf is None else type(hf).__name__)
-    _check_target(directory, [] if recipe is None else recipe.seeds, tokenizer_from)
+    required = isinstance(tokenizer_from, str | os.PathLike)
+    preferred = [tokenizer_from] if required else list(tokenizer_from or [])
+    _check_target(directory, [] if recipe is None else recipe.seeds, preferred)
     seeds = [] if recipe is None else [s for s in recipe.seeds if s is not None]
-    extras = _extra_files([tokenizer_from] if tokenizer_from is not None else seeds, tokenizer_from is not None)
+    extras = _extra_files(preferred if required else [*preferred, *seeds], required)
     shard_size = _shard_size(max_shard_size, seeds)
     with _replacing(directory) as folder:
         if hf is not None:
@@ -123,7 +127,7 @@ def _pretrained_model(module: nn.Module) -> nn.Module | None:
     return children[0] if inside and all(id(p) in inside for p in module.parameters()) else None
 
 
-def _check_target(directory: Path, seeds: Sequence[str | None], tokenizer_from: str | os.PathLike | None) -> None:
+def _check_target(directory: Path, seeds: Sequence[str | None], tokenizer_from: Sequence[str | os.PathLike]) -> None:
     """Refuse a file, a directory that is neither empty nor a saved model, and a seed's own folder."""
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} is an existing file; save_merged writes a directory: pass another path")
@@ -132,7 +136,7 @@ def _check_target(directory: Path, seeds: Sequence[str | None], tokenizer_from: 
             f"{directory} exists and is not a saved model (it holds none of {', '.join(WEIGHT_FILES)}); save_merged "
             "replaces only an empty directory or an earlier save: pass another path"
         )
-    for what, source in [*((f"seed {i}", s) for i, s in enumerate(seeds)), ("tokenizer_from", tokenizer_from)]:
+    for what, source in [*((f"seed {i}", s) for i, s in enumerate(seeds)), *(("tokenizer_from", t) for t in tokenizer_from)]:
         path = Path(source).resolve() if source is not None and Path(source).exists() else None
         if path is not None and (path == directory.resolve() or directory.resolve() in path.parents):
             raise ValueError(f"{directory} holds {what} ({source}): saving there would replace it; pass another path")

@@ -23,6 +23,11 @@ from m2n2_lightning.params import FlatParams
 from m2n2_lightning.strategies.mixture import Form, write_form
 
 
+#: Children of at most this many parameters are written whole into one vector, then copied into a module in
+#: one fused copy (per-parameter writes cost more in calls than the vector's memory there).
+SMALL_MODEL = 1 << 22
+
+
 class Children:
     """k candidates of D parameters: `values` [k, D], or `forms` over `seeds` made by `owner` (a [K, D] tensor,
     or seeds read on demand: `mixture.seed_segment`)."""
@@ -89,4 +94,8 @@ class Children:
         """Write child `index` straight into `module`'s parameters, tensor by tensor (no [D] copy beside them)."""
         if flat.num_params != self.num_params:
             raise ValueError(f"children of D = {self.num_params} parameters cannot be loaded into a module of {flat.num_params}")
+        if self.num_params <= SMALL_MODEL:  # the whole child in one write, then one fused copy: fewer calls
+            row = self.values[index] if self.values is not None else self.write(
+                index, 0, self.num_params, torch.empty(self.num_params, dtype=self.dtype, device=self.device))
+            return flat.load_into(module, row.to(next(module.parameters()).device))
         return flat.write_into(module, lambda start, stop, out: self.write(index, start, stop, out))

@@ -16,6 +16,7 @@ is written in, so every path gives the same bits.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,8 @@ Form = tuple[Tensor, Tensor]
 #: Coordinates mixed at a time: two float32 temporaries of 1 MiB, near a core's cache, in few
 #: kernel calls (timings against other sizes: benchmarks/RESULTS.md, "Merging at real size").
 MIX_CHUNK = 1 << 18
+#: Up to this many coordinates a mix is made in a few small calls (the per-call cost of small parameters).
+SMALL = 1 << 14
 #: Coordinates read at a time from seeds that stay in their files (4 MiB of bf16 a seed).
 READ_SPAN = 1 << 21
 
@@ -63,12 +66,19 @@ def mix(parts: Sequence[Tensor | None], coefficients: Sequence[float], out: Tens
     if len(used) == 1 and used[0][1] == 1.0:
         return out.copy_(used[0][0])
     dtype = compute_dtype(out, *(part for part, _ in used))
+    flat_out = out.view(-1)
+    if flat_out.numel() <= SMALL:  # the same arithmetic in fewer calls: widened copies, scalar products
+        acc = used[0][0].view(-1).to(out.device, dtype, copy=True).mul_(used[0][1])
+        for part, c in used[1:]:
+            acc.add_(part.view(-1).to(out.device, dtype, copy=True).mul_(c))
+        flat_out.copy_(acc)
+        return out
     # one-element weights take part in type promotion: a 16-bit part is widened exactly, then multiplied in `dtype`
     weights = [torch.tensor([c], dtype=dtype, device=out.device) for _, c in used]
     size = min(out.numel(), MIX_CHUNK)
     total = torch.empty(size, dtype=dtype, device=out.device)
     term = torch.empty(size, dtype=dtype, device=out.device)
-    flat_out, last = out.view(-1), len(used) - 1
+    last = len(used) - 1
     for start in range(0, flat_out.numel(), MIX_CHUNK):
         stop = min(start + MIX_CHUNK, flat_out.numel())
         acc, scratch = total[: stop - start], term[: stop - start]
@@ -106,9 +116,9 @@ def write_form(seeds: Any, form: Form, start: int, stop: int, out: Tensor, offse
     flat_out = out.view(-1)
     if flat_out.numel() != stop - start:
         raise ValueError(f"out holds {flat_out.numel()} values for the range [{start}, {stop})")
-    first = int(torch.searchsorted(cuts, torch.tensor(start, dtype=torch.long), right=True))
-    last = int(torch.searchsorted(cuts, torch.tensor(max(start, stop - 1), dtype=torch.long), right=True))
-    bounds = [start, *cuts[first:last].tolist(), stop]
+    cut_list = cuts.tolist()
+    first, last = bisect.bisect_right(cut_list, start), bisect.bisect_right(cut_list, max(start, stop - 1))
+    bounds = [start, *cut_list[first:last], stop]
     rows = table[first : last + 1].tolist()
     span = READ_SPAN if hasattr(seeds, "segment") else stop - start
     for begin, end, coefficients in zip(bounds, bounds[1:], rows):
