@@ -120,7 +120,7 @@ def test_buffers_come_from_the_first_seed(tmp_path: Path) -> None:
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     module = Classifier()
     module.net.eval()
-    callback = M2N2Callback(init_from=paths, resources=(x, y), model=module.net)
+    callback = M2N2Callback(init_from=paths, resources=(x, y), model=module.net, heatmap=False)
     trainer = L.Trainer(max_steps=2, callbacks=[callback], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
@@ -183,22 +183,11 @@ def test_init_from_a_generator_of_state_dicts() -> None:
     results = []
     for init_from in ((m.state_dict() for m in sources), sources):
         callback = M2N2Callback(strategy=functools.partial(M2N2Strategy, pop_size=3, seed=0), init_from=init_from,
-                                resources=(x, y), model=module)
+                                resources=(x, y), model=module, heatmap=False)
         assert isinstance(callback.init_from, list) and len(callback.init_from) == 2
-
-        class Wrapped(L.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.net = module
-
-            def training_step(self, batch: object, batch_idx: int) -> Tensor:
-                return torch.zeros(())
-
-            def configure_optimizers(self) -> torch.optim.Optimizer:
-                return torch.optim.SGD(self.parameters(), lr=0.0)
 
         trainer = L.Trainer(max_steps=3, callbacks=[callback], logger=False, enable_progress_bar=False,
                             enable_model_summary=False, enable_checkpointing=False)
-        trainer.fit(Wrapped(), DataLoader(TensorDataset(x, y), batch_size=4))
+        trainer.fit(Holder(module), DataLoader(TensorDataset(x, y), batch_size=4))
         results.append(FlatParams(module).flatten(module).clone())
     assert torch.equal(results[0], results[1])
