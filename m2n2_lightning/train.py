@@ -21,7 +21,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from m2n2_lightning import EvolutionModule, FlatParams
@@ -34,6 +34,7 @@ from m2n2_lightning.progress import AccuracyCurve, EvolutionProgressBar
 from m2n2_lightning.resume import check_evolution_state
 from m2n2_lightning.run_lock import lock_run_directory
 from m2n2_lightning.stopping import StopReport
+from m2n2_lightning.strategies import M2N2Strategy
 from m2n2_lightning.strategies.base import build_strategy
 from m2n2_lightning.threads import auto_threads
 
@@ -59,6 +60,7 @@ def main(cfg: DictConfig) -> dict | float:
         check_evolution_state(load_checkpoint_file(cfg.ckpt_path), cfg.ckpt_path)
     check_logger_installed(cfg.logger)
     check_optimized_metric(cfg.get("optimized_metric"))
+    check_ablation(cfg.strategy, HydraConfig.get().runtime.choices)
     if cfg.merge is not None:  # experiment=merge, lm_merge: seed models scored by tasks (m2n2_lightning/merge_run.py)
         check_merge(cfg)
         return result_of(cfg, merge(cfg, out))
@@ -114,6 +116,20 @@ def main(cfg: DictConfig) -> dict | float:
     )
     log.info("Outputs in %s: summary.json, best_model.pt, checkpoints/, logs/ (metrics, plots).", out)
     return result_of(cfg, summary)
+
+
+def check_ablation(strategy: DictConfig, choices: Any) -> None:
+    """Refuse an `ablation=` over a strategy that has not M2N2's switches (it would fail later, in a TypeError)."""
+    ablation = choices.get("ablation")
+    if ablation in (None, "null"):
+        return
+    target = get_class(strategy._target_)
+    if not issubclass(target, M2N2Strategy):
+        raise ValueError(
+            f"ablation={ablation} switches M2N2's operators (competition, matchmaker, split point, crossover); "
+            f"strategy={choices.get('strategy')} ({target.__name__}) has none: use strategy=m2n2 (or m2n2_merge for "
+            "a merge) with it, or drop the ablation"
+        )
 
 
 def check_evolution_keys(cfg: DictConfig) -> None:

@@ -78,3 +78,19 @@ def test_merge_keys_are_refused_by_the_other_experiments(tmp_path: Path) -> None
     result = subprocess.run([sys.executable, str(root / "train.py"), "+lm.reduced=true", f"hydra.run.dir={tmp_path}"],
                             capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode != 0 and "lm.* belongs to experiment=lm_merge" in result.stderr
+
+
+def test_an_ablation_over_a_strategy_without_m2n2_switches_is_refused() -> None:
+    from omegaconf import OmegaConf
+
+    from m2n2_lightning.train import check_ablation
+
+    cmaes = OmegaConf.create({"_target_": "m2n2_lightning.strategies.CMAESStrategy", "_partial_": True})
+    with pytest.raises(ValueError, match=r"ablation=ga switches M2N2's operators .* strategy=cmaes \(CMAESStrategy\)"):
+        check_ablation(cmaes, {"ablation": "ga", "strategy": "cmaes"})
+    elites = OmegaConf.create({"_target_": "m2n2_lightning.strategies.MAPElitesStrategy", "_partial_": True})
+    with pytest.raises(ValueError, match="has none"):
+        check_ablation(elites, {"ablation": "no_split_point", "strategy": "map_elites"})
+    m2n2 = OmegaConf.create({"_target_": "m2n2_lightning.strategies.M2N2Strategy", "_partial_": True})
+    check_ablation(m2n2, {"ablation": "ga", "strategy": "m2n2_merge"})
+    check_ablation(cmaes, {"ablation": None, "strategy": "cmaes"})
