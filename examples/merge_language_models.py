@@ -9,10 +9,10 @@ generation. The merge is tested on both skills and on copying, a skill of the ba
     OMP_NUM_THREADS=1 python examples/merge_language_models.py                  # about a minute here
     OMP_NUM_THREADS=1 python examples/merge_language_models.py --continuous     # capacity "max", char-level score
 
-(The package's seed models are built on first use, with a progress bar and its ETA: 148 s measured here on
-one thread with the other of the machine's two cores busy; no quiet machine was available to time it. The
-paper's baselines at the same
-budget: `python benchmarks/compare.py --setting lm_merge`; the Hydra entry: `python train.py experiment=lm_merge`.)
+(The package's seed models are built on first use, with a progress bar and its ETA: 208 s measured on one
+thread of this 2-core machine with nothing else running (`python -m m2n2_lightning.lm.seeds --seed 0`). The
+paper's baselines at the same budget: `python benchmarks/compare.py --setting lm_merge`; the Hydra entry:
+`python train.py experiment=lm_merge`.)
 
 For your own models, change three things in `main`:
 - `seeds` and `model`: your two (or more) save_pretrained directories or hub ids of one architecture,
