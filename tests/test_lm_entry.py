@@ -44,9 +44,11 @@ def check_outputs(run_dir: Path, summary: dict, evaluations: int) -> None:
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "best_model").eval()
     assert set(summary["test"]) == {"add", "rev", "copy"}
     for name, acc in summary["test"].items():
-        assert acc == accuracy(merged, skill_dataset((name,), "test"))
+        # a fraction of 200 prompts: the summary's float64 and accuracy()'s float32 mean agree to float32 rounding
+        assert acc == pytest.approx(accuracy(merged, skill_dataset((name,), "test")), rel=1e-6, abs=1e-7)
     assert summary["test_acc"] == pytest.approx((summary["test"]["add"] + summary["test"]["rev"]) / 2)
-    assert summary["best_train_acc"] == accuracy(merged, skill_dataset(("add", "rev"), "train"))
+    assert summary["best_train_acc"] == pytest.approx(accuracy(merged, skill_dataset(("add", "rev"), "train")),
+                                                      rel=1e-6, abs=1e-7)
     assert summary["forward_passes"] == evaluations and summary["resources"] == 200
     assert summary["strategy"] == "m2n2_merge" and summary["strategy_settings"]["archive"] == "CoefficientArchive"
     rows = curve_rows(run_dir / "curves.csv")
