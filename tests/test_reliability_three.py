@@ -103,14 +103,17 @@ def test_a_second_run_in_a_locked_directory_is_refused(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_two_train_runs_in_one_directory_one_is_refused_the_other_finishes(tmp_path) -> None:
-    command = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", "forward_passes=3000",
+    # The first run must outlast the second's start (a few seconds of imports): 20,000 passes take ~50 s here,
+    # where 3,000 once ended before the second looked at the lock on a fast CI machine.
+    command = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", "forward_passes=20000",
                "trainer.enable_progress_bar=false"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     deadline = time.time() + 120
     while not (tmp_path / ".run.lock").exists() and time.time() < deadline:
         time.sleep(0.2)
     second = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    output, _ = first.communicate(timeout=300)
+    assert first.poll() is None, "the first run ended before the second started: the test did not test the lock"
+    output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output[-3000:]
     assert second.returncode == 1 and "another run (pid" in second.stderr and "Traceback" not in second.stderr
     assert (tmp_path / "summary.json").exists() and (tmp_path / "best_model.pt").exists()
