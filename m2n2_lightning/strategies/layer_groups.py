@@ -1,10 +1,11 @@
 """Parameter groups for per-group merges: one per transformer layer, or one per regex pattern.
 
-`LayerwiseSlerpStrategy` gives each group one SLERP coefficient. A group is a
-set of whole parameters, found from their names in `FlatParams.layout` order;
-`segments_of` turns the groups into contiguous ranges of the flat vector, and
-`group_gram` reduces the two seeds over each group (norms and inner product:
-the SLERP angle of the group, and a fingerprint of the seeds).
+`LayerwiseSlerpStrategy` gives each group one SLERP coefficient, `LayerwiseSimplexStrategy`
+mixing weights over K seeds. A group is a set of whole parameters, found from
+their names in `FlatParams.layout` order; `segments_of` turns the groups into
+contiguous ranges of the flat vector, and `group_gram` reduces the seeds over
+each group (norms and inner products: the SLERP angle of the group, and a
+fingerprint of the seeds).
 """
 
 from __future__ import annotations
@@ -110,11 +111,14 @@ def segments_of(layout: Sequence[tuple[str, int]], owner: Sequence[int]) -> list
     return segments
 
 
-def group_gram(a: Tensor, b: Tensor, segments: Sequence[Segment], num_groups: int, chunk: int = 1 << 24) -> Tensor:
-    """[G, 3] float64: |a_g|^2, |b_g|^2 and <a_g, b_g> of each group (in float64 chunks, bounded memory)."""
-    gram = torch.zeros(num_groups, 3, dtype=torch.float64, device=a.device)
+def group_gram(seeds: Sequence[Tensor], segments: Sequence[Segment], num_groups: int, chunk: int = 1 << 24) -> Tensor:
+    """[G, K(K+1)/2] float64 inner products <x_i, x_j> of the K seeds over each group: first the squared norms
+    |x_k|^2 (k = 0..K-1), then i < j in row order; for two seeds (|a_g|^2, |b_g|^2, <a_g, b_g>), the SLERP angle of
+    the group. Float64 chunks of `chunk` coordinates (bounded memory), each entry one dot product."""
+    pairs = [(k, k) for k in range(len(seeds))] + [(i, j) for i in range(len(seeds)) for j in range(i + 1, len(seeds))]
+    gram = torch.zeros(num_groups, len(pairs), dtype=torch.float64, device=seeds[0].device)
     for start, stop, group in segments:
         for lo in range(start, stop, chunk):
-            x, y = a[lo : min(stop, lo + chunk)].double(), b[lo : min(stop, lo + chunk)].double()
-            gram[group] += torch.stack([x @ x, y @ y, x @ y])
+            parts = [seed[lo : min(stop, lo + chunk)].double() for seed in seeds]
+            gram[group] += torch.stack([parts[i] @ parts[j] for i, j in pairs])
     return gram
