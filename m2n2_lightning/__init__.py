@@ -8,6 +8,7 @@ from m2n2_lightning.optimizer import EvolutionOptimizer
 from m2n2_lightning.params import FlatParams, NotVmappableError, population_forward
 from m2n2_lightning.strategies import (
     CMAESStrategy,
+    LayerwiseSimplexStrategy,
     LayerwiseSlerpStrategy,
     M2N2Strategy,
     MAPElitesStrategy,
@@ -21,6 +22,7 @@ __all__ = [
     "EvolutionModule",
     "EvolutionOptimizer",
     "FlatParams",
+    "LayerwiseSimplexStrategy",
     "LayerwiseSlerpStrategy",
     "M2N2Callback",
     "M2N2Strategy",
