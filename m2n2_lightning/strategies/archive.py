@@ -234,6 +234,7 @@ def build_archive(
     storage_dir: str | None = None,
     dtype: torch.dtype = torch.float32,
     host_seeds: bool = False,
+    task_vectors: bool = False,
 ) -> Archive | CoefficientArchive:
     """The archive of `storage` (one of STORAGES), or a ValueError when that storage cannot hold the run.
 
@@ -244,6 +245,11 @@ def build_archive(
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if storage_dir is not None and storage != "mmap":
         raise ValueError(f"storage_dir is where storage='mmap' maps its file; storage is {storage!r}")
+    if task_vectors and storage != "coefficients":
+        raise ValueError(
+            f"task_vectors crosses the members' task vectors over the base, which storage='coefficients' keeps as a "
+            f"seed; storage is {storage!r}: set storage=coefficients"
+        )
     if host_seeds and storage != "coefficients":
         raise ValueError(f"host_seeds keeps the seeds of storage='coefficients' in host memory; storage is {storage!r}")
     if storage == "coefficients":
@@ -257,7 +263,7 @@ def build_archive(
                 f"storage='coefficients' cannot hold mutated children (mutation_sigma={mutation_sigma}): a child with "
                 "noise is no mixture of the seeds; set mutation_sigma=0 or use storage='dense', 'host' or 'mmap'"
             )
-        return CoefficientArchive(capacity, num_params, seeds, dtype, host_seeds)
+        return CoefficientArchive(capacity, num_params, seeds, dtype, host_seeds, task_vectors)
     if storage == "dense":
         return Archive(capacity, num_params, dtype)
     return HostArchive(capacity, num_params, dtype, mapped=storage == "mmap", storage_dir=storage_dir)

@@ -112,14 +112,24 @@ class CoefficientArchive(ScoreTable):
     form of a told child by handle: only children this archive made. The
     given seed vectors are kept by reference, and stacked without a copy when
     they come as one `SeedVectors` stack in the archive's dtype.
+
+    With `task_vectors`, the last seed is the base the others were fine-tuned
+    from: it is no member, and a child is the base plus the SLERP of its
+    parents' task vectors (member - base) instead of the SLERP of the members.
     """
 
     def __init__(
         self, capacity: int, num_params: int, seeds: Sequence[Tensor], dtype: torch.dtype | None = None,
-        host_seeds: bool = False,
+        host_seeds: bool = False, task_vectors: bool = False,
     ) -> None:
         super().__init__(capacity)
         self.host_seeds = bool(host_seeds)
+        self.task_vectors = bool(task_vectors)
+        if self.task_vectors and len(seeds) < 3:
+            raise ValueError(
+                f"task_vectors takes the last of init_models as the base: give two or more fine-tunes and then their "
+                f"base (got {len(seeds)} models)"
+            )
         if len(seeds) < 2 or (seeds.shape[1] != num_params if hasattr(seeds, "segment") else any(seed.shape != (num_params,) for seed in seeds)):
             raise ValueError(f"seeds must be two or more vectors of D = {num_params} parameters")
         self.num_params = num_params
@@ -153,8 +163,9 @@ class CoefficientArchive(ScoreTable):
         return self._children([self.forms[i] or empty for i in index.tolist()])
 
     def initial_children(self, init_models: Sequence[Tensor] | None, init_sigma: float, generator: torch.Generator) -> Children:
-        """The seeds themselves, as unit forms."""
-        return self._children([unit_form(k, self.num_seeds) for k in range(self.num_seeds)])
+        """The seeds themselves, as unit forms (with `task_vectors`, all but the base)."""
+        members = self.num_seeds - 1 if self.task_vectors else self.num_seeds
+        return self._children([unit_form(k, self.num_seeds) for k in range(members)])
 
     def copies(self, index: Tensor) -> Children:
         """Children that copy the members at `index` (the "no crossover" ablation)."""
@@ -183,6 +194,8 @@ class CoefficientArchive(ScoreTable):
 
         Its segments are those of a, b and the pieces together; on each one the
         dot products come from the seeds' Gram (docs/ALGORITHM.md, "Crossover": cos Omega).
+        With `task_vectors`, A and B are the parents' task vectors (their rows
+        less the base's unit row), and the base is added back to the child.
         """
         pieces = [piece for piece in pieces if piece[1] > piece[0]]
         piece_starts = torch.tensor([start for start, _, _ in pieces], dtype=torch.long)
@@ -190,6 +203,9 @@ class CoefficientArchive(ScoreTable):
         starts = torch.cat([piece_starts[:1], cuts])
         rows_a = form_a[1][torch.searchsorted(form_a[0], starts, right=True)]
         rows_b = form_b[1][torch.searchsorted(form_b[0], starts, right=True)]
+        base = unit_form(self.num_seeds - 1, self.num_seeds)[1] if self.task_vectors else None
+        if base is not None:
+            rows_a, rows_b = rows_a - base, rows_b - base
         labels = torch.tensor([label for _, _, label in pieces])[torch.searchsorted(piece_starts, starts, right=True) - 1]
         stops = [*cuts.tolist(), self.num_params]
         grams = torch.stack([self._grams(start, stop) for start, stop in zip(starts.tolist(), stops)])
@@ -200,7 +216,8 @@ class CoefficientArchive(ScoreTable):
         else:  # the reference: one angle between the whole vectors, for every label
             sums = products.sum(dim=1, keepdim=True).expand(3, len(t))
         coef_a, coef_b = ops.slerp_weights(sums[0] / (sums[1].sqrt() * sums[2].sqrt()), t.unsqueeze(-1))
-        return merge_equal_rows(cuts, coef_a[labels] * rows_a + coef_b[labels] * rows_b)
+        rows = coef_a[labels] * rows_a + coef_b[labels] * rows_b
+        return merge_equal_rows(cuts, rows if base is None else rows + base)
 
     def _store(self, slot: int, children: Children, row: int) -> None:
         if children.owner is not self or children.forms is None:

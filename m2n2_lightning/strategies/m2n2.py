@@ -94,6 +94,11 @@ class M2N2Strategy(PopulationStrategy):
         host_seeds: with "coefficients", keep the seeds in host memory when the
             strategy moves to an accelerator: the device then holds only the
             module each child is written into (tensor by tensor, over the bus).
+        task_vectors: the last of `init_models` is the base the others were
+            fine-tuned from (not a member): crossover SLERPs the parents' task
+            vectors, member - base, and adds the base back (task arithmetic's
+            space, where SLERP of two near-orthogonal task vectors keeps most
+            of each rather than averaging them away). Needs "coefficients".
         dtype: the members' and children's dtype (None: the seeds' own, e.g.
             bfloat16 for bf16 checkpoints, else float32); the SLERP angles are
             computed in float64 whatever it is.
@@ -119,6 +124,7 @@ class M2N2Strategy(PopulationStrategy):
         storage: str = "dense",
         storage_dir: str | None = None,
         host_seeds: bool = False,
+        task_vectors: bool = False,
         **population: Any,
     ) -> None:
         super().__init__(num_params, **population)
@@ -148,8 +154,9 @@ class M2N2Strategy(PopulationStrategy):
         self.storage = storage
         self.archive = build_archive(
             storage, self.pop_size, self.num_params, self.init_models, self.mutation_sigma, storage_dir, self.dtype,
-            host_seeds,
+            host_seeds, task_vectors,
         )
+        self.task_vectors = bool(task_vectors)
 
     @property
     def exact_default(self) -> bool:
@@ -239,6 +246,7 @@ class M2N2Strategy(PopulationStrategy):
             "chromosomes": self.chromosome_patterns,
             "slerp_angle": self.slerp_angle,
             "storage": self.storage,
+            "task_vectors": self.task_vectors,
         }
 
     def extra_repr(self) -> str:
