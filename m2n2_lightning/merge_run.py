@@ -57,6 +57,7 @@ def check_merge(cfg: Any) -> None:
             raise ValueError(f"merge.{key} must be an integer >= {low}, got {merge[key]!r}")
     if not merge.tasks:
         raise ValueError("merge.tasks must name at least one task (a dataset, an lm-eval task, the toy skills)")
+    check_model_class(merge.get("model_class"))
     check_starts_from_seeds(cfg.strategy)
 
 
@@ -98,8 +99,17 @@ def seed_sources(cfg: Any) -> tuple[list[str], str]:
     return [str(cache / "skill_a"), str(cache / "skill_b")], base
 
 
-def load_base(source: str, dtype: str | None) -> tuple[torch.nn.Module, Any]:
-    """The causal LM that holds the candidates, in eval mode, and its tokenizer (None where it has none)."""
+def load_base(source: str, dtype: str | None, model_class: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """The model that holds the candidates, in eval mode, and its tokenizer (None where it has none).
+
+    `model_class` (`merge.model_class`): a class with `from_pretrained`, by its import path (e.g.
+    diffusers.UNet2DConditionModel for the image-generation merge), loaded from `source`'s folder
+    (a weights file's own folder) without a tokenizer; None: transformers' AutoModelForCausalLM.
+    """
+    if model_class is not None:
+        path = Path(source)
+        options = {} if dtype is None else {"torch_dtype": DTYPES[dtype]}
+        return get_class(model_class).from_pretrained(str(path.parent if path.is_file() else path), **options).eval(), None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     options = {} if dtype is None else {"dtype": DTYPES[dtype]}
@@ -109,6 +119,18 @@ def load_base(source: str, dtype: str | None) -> tuple[torch.nn.Module, Any]:
     except (OSError, ValueError, TypeError):  # a model saved without tokenizer files (the toy seeds)
         tokenizer = None
     return model, tokenizer
+
+
+def check_model_class(model_class: Any) -> None:
+    """Refuse a `merge.model_class` that is not the import path of a class with `from_pretrained`."""
+    if model_class is None:
+        return
+    try:
+        found = get_class(str(model_class))
+    except Exception as error:  # Hydra wraps the import error: its message says what is missing
+        raise ValueError(f"merge.model_class={model_class!r} does not import as a class ({error})") from None
+    if not callable(getattr(found, "from_pretrained", None)):
+        raise ValueError(f"merge.model_class={model_class!r} has no from_pretrained: name a class that loads a saved model")
 
 
 class StepIntervals(Callback):
@@ -201,7 +223,7 @@ def build_merge(cfg: Any, checkpoints: ModelCheckpoint) -> MergeRun:
     tasks = TaskSet(instantiate(cfg.merge.tasks, _convert_="all"), cfg.merge.batch_size).load()
     fingerprint = tasks.fingerprint()
     seeds, base = seed_sources(cfg)
-    model, tokenizer = load_base(base, cfg.merge.dtype)
+    model, tokenizer = load_base(base, cfg.merge.dtype, cfg.merge.get("model_class"))
     tasks.bind(tokenizer)
     torch.set_num_threads(cfg.threads or auto_threads(FlatParams(model).num_params, len(tasks.resources)))
     evolution = M2N2Callback(

@@ -34,7 +34,8 @@ from m2n2_lightning.merging.recipe import (
 )
 
 #: Files that make an existing directory a saved model, which a new save may replace.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.safetensors.index.json")
 #: Tokenizer files, copied verbatim from the first seed (or `tokenizer_from`) that has them.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -55,9 +56,10 @@ def save_merged(
 ) -> Path:
     """Write `module`'s weights, with the seeds' tokenizer, a model card and the recipe, to `directory`.
 
-    A transformers model (or a module holding exactly one as a direct child
-    and no parameters outside it, such as a LightningModule's ``self.model``)
-    is written with ``save_pretrained``; anything else as safetensors. Shards:
+    A transformers or diffusers model (or a module holding exactly one as a
+    direct child and no parameters outside it, such as a LightningModule's
+    ``self.model``) is written with ``save_pretrained``; anything else as
+    safetensors. Shards:
     `max_shard_size` ("2GB" or bytes), else the first seed's largest shard
     when it is sharded, else one file. Tokenizer files, chat template and
     generation config are copied from `tokenizer_from` (an error if it holds
@@ -84,7 +86,7 @@ def save_merged(
     elif isinstance(evolution, Recipe):
         recipe = dataclasses.replace(evolution, scores={**evolution.scores, **checked_scores(test_scores)})
     else:
-        recipe = recipe_of(evolution, model, test_scores, None if hf is None else type(hf).__name__)
+        recipe = recipe_of(evolution, model, test_scores, type(hf).__name__ if _is_transformers(hf) else None)
     required = isinstance(tokenizer_from, str | os.PathLike)
     preferred = [tokenizer_from] if required else list(tokenizer_from or [])
     _check_target(directory, [] if recipe is None else recipe.seeds, preferred)
@@ -111,14 +113,28 @@ def save_merged(
     return directory
 
 
-def _pretrained_model(module: nn.Module) -> nn.Module | None:
-    """`module` if it is a transformers PreTrainedModel, or its one such direct child holding all its parameters."""
-    def is_hf(m: nn.Module) -> bool:
-        if not any(c.__module__.startswith("transformers") for c in type(m).__mro__):
-            return False  # transformers is imported only for modules that come from it
-        from transformers import PreTrainedModel
+def _is_transformers(module: nn.Module | None) -> bool:
+    """Whether `module` is a transformers PreTrainedModel (transformers is imported only for modules from it)."""
+    if module is None or not any(c.__module__.startswith("transformers") for c in type(module).__mro__):
+        return False
+    from transformers import PreTrainedModel
 
-        return isinstance(m, PreTrainedModel)
+    return isinstance(module, PreTrainedModel)
+
+
+def _is_diffusers(module: nn.Module) -> bool:
+    """Whether `module` is a diffusers ModelMixin (a U-Net: `save_pretrained` writes diffusion_pytorch_model.*)."""
+    if not any(c.__module__.startswith("diffusers") for c in type(module).__mro__):
+        return False
+    from diffusers import ModelMixin
+
+    return isinstance(module, ModelMixin)
+
+
+def _pretrained_model(module: nn.Module) -> nn.Module | None:
+    """`module` if it is a transformers or diffusers model, or its one such direct child holding all its parameters."""
+    def is_hf(m: nn.Module) -> bool:
+        return _is_transformers(m) or _is_diffusers(m)
 
     if is_hf(module):
         return module
