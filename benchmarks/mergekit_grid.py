@@ -9,6 +9,10 @@ chosen by that training score (the first on ties), never by a test prompt. Each 
 counts one evaluation, M2N2's budget unit (one candidate scored on all training prompts).
 
     python benchmarks/mergekit_grid.py --seed 0 [--experiment lm_merge] [--out results.csv]
+
+In compare_lm.py: `BASELINES["mergekit"] = mergekit_baselines` (one grid run, one result per
+`mergekit_<method>` and `mergekit_best`), or one grid per method with `mergekit_baseline(name)`;
+`LABELS` names them for the tables.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,16 @@ METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "della", "
 #: Methods whose `lambda` scales the mean of the (kept) task vectors (mergekit's default normalize=True).
 NORMALISED = ("ties", "della")
 BEST = "mergekit_best"
+LABELS = {
+    "mergekit_linear": "mergekit linear (weights grid)",
+    "mergekit_slerp": "mergekit SLERP (t grid)",
+    "mergekit_task_arithmetic": "mergekit task arithmetic (lambda grid)",
+    "mergekit_ties": "mergekit TIES (density x lambda)",
+    "mergekit_dare_ties": "mergekit DARE-TIES (density x lambda, seeded)",
+    "mergekit_della": "mergekit DELLA (density x lambda)",
+    "mergekit_breadcrumbs": "mergekit breadcrumbs (lambda grid)",
+    BEST: "mergekit, best of the whole grid by training accuracy",
+}
 
 
 @dataclass(frozen=True)
@@ -72,11 +86,11 @@ class GridPoint:
 
 
 def grid(k: int) -> list[GridPoint]:
-    """The grid for `k` seeds (in `METHODS` order): 39 merges for k = 2, 27 for k = 4.
+    """The grid for `k` seeds (in `METHODS` order): 39 merges for k = 2, 26 for k = 4.
 
     Linear: weights 0.1..0.9 for the first of two seeds; for k > 2 uniform weights and each seed
     weighted twice. SLERP (k = 2 only): t = 0.1..0.9. Task arithmetic (base + lambda * sum of task
-    vectors): lambda in {1/k, 0.5, 0.75, 1}. TIES and DELLA (lambda times the mean of the kept
+    vectors): lambda in {1.5/k, 2/k, 3/k}. TIES and DELLA (lambda times the mean of the kept
     vectors) lambda in {1, 1.5}; DARE-TIES and breadcrumbs (lambda times their sum) lambda in {1/k, 2/k};
     densities {0.3, 0.6, 0.9} (DELLA {0.3, 0.6}: its epsilon 0.15 needs density + 0.15 < 1; breadcrumbs 0.9).
     """
@@ -89,7 +103,8 @@ def grid(k: int) -> list[GridPoint]:
         weightings = [(1.0,) * k] + [tuple(2.0 if j == i else 1.0 for j in range(k)) for i in range(k)]
     points = [GridPoint("linear", weights=w) for w in weightings]
     points += [GridPoint("slerp", t=t) for t in tenths] if k == 2 else []
-    points += [GridPoint("task_arithmetic", lam=lam) for lam in sorted({round(1 / k, 4), 0.5, 0.75, 1.0})]
+    # task arithmetic's lambda = 1/k is the uniform linear merge: its grid scales the mean task vector by 1.5, 2, 3
+    points += [GridPoint("task_arithmetic", lam=round(c / k, 4)) for c in (1.5, 2.0, 3.0)]
     summed = (round(1 / k, 4), round(2 / k, 4))
     for method, densities, lams in (("ties", (0.3, 0.6, 0.9), (1.0, 1.5)), ("dare_ties", (0.3, 0.6, 0.9), summed),
                                     ("della", (0.3, 0.6), (1.0, 1.5)), ("breadcrumbs", (0.9,), summed)):
@@ -127,9 +142,10 @@ class GridRow:
 
 
 def run_grid(points: Sequence[GridPoint], seeds: Sequence[str], base: str, load: Callable[[Path], nn.Module],
-             train_score: Callable[[nn.Module], float], test: Callable[[nn.Module], dict[str, float]],
+             train_score: Callable[[nn.Module], float], test: Callable[[nn.Module, float], dict[str, float]],
              dtype: str = "float32") -> list[GridRow]:
-    """Merges, loads (`load(dir)`) and scores every point: `train_score` (what the choice sees) and `test`."""
+    """Merges, loads (`load(dir)`) and scores every point: `train_score` (what the choice sees), then
+    `test(model, training score)` (the test accuracies; a test set that is the training prompts reuses the score)."""
     if len(seeds) < 2 or (any(p.method not in ("linear", "slerp") for p in points) and base in seeds):
         raise ValueError(f"the grid needs two or more seeds and a base model that is none of them: {seeds}, {base}")
     if any(p.method == "slerp" for p in points) and len(seeds) != 2:
@@ -143,7 +159,7 @@ def run_grid(points: Sequence[GridPoint], seeds: Sequence[str], base: str, load:
             shutil.rmtree(out)
             score = float(train_score(model))
             seconds = time.perf_counter() - start
-            rows.append(GridRow(point, i, score, test(model), seconds))
+            rows.append(GridRow(point, i, score, test(model, score), seconds))
     return rows
 
 
@@ -192,14 +208,11 @@ def experiment_grid(cfg: Any, experiment: Any, methods: Sequence[str] = METHODS)
 
         return AutoModelForCausalLM.from_pretrained(path, dtype=experiment.model.dtype).to(device).eval()
 
-    scores: dict[int, float] = {}
-
     def train_score(model: nn.Module) -> float:
-        scores[id(model)] = float(experiment.test_fn(model, experiment.resources))
-        return scores[id(model)]
+        return float(experiment.test_fn(model, experiment.resources))
 
-    def test(model: nn.Module) -> dict[str, float]:  # a test set that is the resources ("train") reuses its score
-        return {name: scores[id(model)] if data is experiment.resources else float(experiment.test_fn(model, data))
+    def test(model: nn.Module, train: float) -> dict[str, float]:  # compare_lm's "train" test set is the resources
+        return {name: train if data is experiment.resources else float(experiment.test_fn(model, data))
                 for name, data in experiment.tests.items()}
 
     points = [p for p in grid(len(seeds)) if p.method in methods]

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import mergekit_grid as mg  # noqa: E402
+import mergekit_grid as mg
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +43,8 @@ def merged(point: mg.GridPoint, base: str, seeds: list[str], out: Path) -> dict[
 
 def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("weights", [(0.3, 0.7), (2.0, 1.0, 1.0, 1.0)])
@@ -69,10 +68,10 @@ def ties_reference(b: dict[str, torch.Tensor], thetas: list[dict[str, torch.Tens
     """TIES (Yadav et al. 2023) in float64: keep the top `density` of each task vector by magnitude (per tensor),
     elect each entry's sign by the sum of the kept values (+ on 0), average the kept values of that sign, scale."""
     out = {}
-    for n in b:
+    for n, start in b.items():
         deltas = []
         for t in thetas:
-            d = (t[n] - b[n]).flatten()
+            d = (t[n] - start).flatten()
             keep = torch.zeros_like(d)
             keep[d.abs().argsort(descending=True)[: max(1, int(density * d.numel()))]] = 1
             deltas.append(d * keep)
@@ -80,7 +79,7 @@ def ties_reference(b: dict[str, torch.Tensor], thetas: list[dict[str, torch.Tens
         sign = torch.where(d.sum(0) >= 0, 1.0, -1.0).double()
         agree = (d.sign() == sign).double()
         mean = (d * agree).sum(0) / agree.sum(0).clamp(min=1)
-        out[n] = b[n] + lam * mean.reshape(b[n].shape)
+        out[n] = start + lam * mean.reshape(start.shape)
     return out
 
 
@@ -119,7 +118,7 @@ def test_dare_ties_is_reproducible_and_leaves_the_callers_rng(models: tuple[str,
 
 
 def test_grid_sizes() -> None:
-    assert len(mg.grid(2)) == 39 and len(mg.grid(4)) == 27
+    assert len(mg.grid(2)) == 39 and len(mg.grid(4)) == 26
     assert {p.method for p in mg.grid(2)} == set(mg.METHODS)
     assert {p.method for p in mg.grid(4)} == set(mg.METHODS) - {"slerp"}
     assert [p.weights for p in mg.grid(2) if p.method == "linear"][2] == (0.3, 0.7)
@@ -141,22 +140,41 @@ def test_run_grid_scores_each_merge_once_and_chooses_by_training_score(models: t
     def load(path: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path).eval()
 
-    rows = mg.run_grid(points, seeds[:2], base, load, train_score, lambda m: {"x": float(len(calls))})
+    rows = mg.run_grid(points, seeds[:2], base, load, train_score, lambda m, train: {"x": float(len(calls)), "train": train})
     assert len(calls) == 4 and [r.evaluation for r in rows] == [1, 2, 3, 4]
     out = mg.results(rows)
     assert set(out) == {"mergekit_linear", "mergekit_slerp", "mergekit_task_arithmetic", "mergekit_best"}
     assert out["mergekit_best"].forward_passes == 4 and out["mergekit_slerp"].forward_passes == 2
     assert out["mergekit_best"].settings["t"] == 0.5 and out["mergekit_best"].train == 0.9  # evaluation 2, not 4
-    assert out["mergekit_best"].test == {"x": 2.0}
+    assert out["mergekit_best"].test == {"x": 2.0, "train": 0.9}
     assert [p.test["x"] for p in out["mergekit_best"].test_points] == [1.0, 2.0, 2.0, 2.0]  # best so far
-    assert out["mergekit_slerp"].test == {"x": 2.0} and out["mergekit_linear"].train == 0.2
+    assert out["mergekit_slerp"].test["x"] == 2.0 and out["mergekit_linear"].train == 0.2
     with pytest.raises(ValueError, match="base model"):
-        mg.run_grid(points, seeds[:2], seeds[0], load, train_score, dict)
+        mg.run_grid(points, seeds[:2], seeds[0], load, train_score, lambda m, train: {})
     with pytest.raises(ValueError, match="exactly two"):
-        mg.run_grid(points[1:2], seeds[:3], base, load, train_score, dict)
+        mg.run_grid(points[1:2], seeds[:3], base, load, train_score, lambda m, train: {})
 
 
 def test_baseline_names() -> None:
+    assert set(mg.LABELS) == {f"mergekit_{m}" for m in mg.METHODS} | {mg.BEST}
     assert callable(mg.mergekit_baseline("mergekit_ties")) and callable(mg.mergekit_baseline("mergekit_best"))
     with pytest.raises(ValueError, match="unknown mergekit baseline"):
         mg.mergekit_baseline("mergekit_fancy")
+
+
+def test_the_four_seed_grid_runs_every_method_once_per_point(models: tuple[str, list[str]]) -> None:
+    """grid(4) through mergekit on four seeds: 26 evaluations, each method's count, distinct merges per point."""
+    base, seeds = models
+    sums: list[float] = []
+
+    def train_score(model: torch.nn.Module) -> float:
+        sums.append(float(sum(p.double().sum() for p in model.parameters())))
+        return -len(sums)  # the first point is the best
+
+    rows = mg.run_grid(mg.grid(4), seeds, base, AutoModelForCausalLM.from_pretrained, train_score, lambda m, t: {})
+    out = mg.results(rows)
+    counts = {"mergekit_linear": 5, "mergekit_task_arithmetic": 3, "mergekit_ties": 6, "mergekit_dare_ties": 6,
+              "mergekit_della": 4, "mergekit_breadcrumbs": 2, "mergekit_best": 26}
+    assert {name: r.forward_passes for name, r in out.items()} == counts
+    assert min(torch.tensor(sorted(sums)).diff()) > 1e-3  # no two settings gave the same merge
+    assert out["mergekit_best"].settings["weights"] == [1.0, 1.0, 1.0, 1.0]
