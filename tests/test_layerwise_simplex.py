@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import make_trainer
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from m2n2_lightning import LayerwiseSimplexStrategy, LayerwiseSlerpStrategy, M2N2Callback
 from m2n2_lightning.params import FlatParams
@@ -205,10 +206,15 @@ def test_four_seed_run_through_m2n2_callback_improves_on_the_uniform_average(tmp
         return torch.stack([torch.exp(-8 * (values - target)[owner == g].square().sum() / scale[owner == g].sum())
                             for g in batch.tolist()]).float()  # fmt: skip
 
-    module = LanguageModule(tiny_gpt2(K + 1))
-    callback = M2N2Callback(strategy=functools.partial(LayerwiseSimplexStrategy, popsize=8, seed=0), init_from=seeds,
-                            evaluate=closeness, resources=list(range(3)), resource_batch_size=3)  # fmt: skip
-    make_trainer(tmp_path, 15, [callback]).fit(module)
+    def fit(name: str, ckpt_path=None) -> tuple[LanguageModule, M2N2Callback]:
+        module = LanguageModule(tiny_gpt2(K + 1))
+        callback = M2N2Callback(strategy=functools.partial(LayerwiseSimplexStrategy, popsize=8, seed=0),
+                                init_from=seeds, evaluate=closeness, resources=list(range(3)), resource_batch_size=3)
+        saver = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=5, save_top_k=-1)
+        make_trainer(tmp_path, 15, [callback, saver], enable_checkpointing=True).fit(module, ckpt_path=ckpt_path)
+        return module, callback
+
+    module, callback = fit("whole")
     strategy = callback.strategy
     assert isinstance(strategy, LayerwiseSimplexStrategy) and strategy.num_seeds == K
     assert strategy.group_names == ["model.transformer.h.0", "model.transformer.h.1", "rest"]
@@ -221,3 +227,10 @@ def test_four_seed_run_through_m2n2_callback_improves_on_the_uniform_average(tmp
     flat.load_into(module, strategy.merge(torch.zeros(1, 3, K - 1)).dense()[0])
     uniform = closeness(module, torch.arange(3)).double().mean().item()
     assert best > uniform + 0.1, (best, uniform)
+    # Resumed from the checkpoint of step 5 (onto other weights), it ends where the whole run did.
+    resumed, resumed_callback = fit("resumed", ckpt_path=next((tmp_path / "whole").glob("*-step=5.ckpt")))
+    assert resumed_callback.strategy.forward_passes == 120
+    assert torch.equal(resumed_callback.strategy.best_params(), strategy.best_params())
+    for key, value in strategy.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(resumed_callback.strategy.state_dict()[key], value), key
