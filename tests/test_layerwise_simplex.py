@@ -14,10 +14,18 @@ from conftest import make_trainer
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from m2n2_lightning import LayerwiseSimplexStrategy, LayerwiseSlerpStrategy, M2N2Callback
+from m2n2_lightning import (
+    LayerwiseSimplexStrategy,
+    LayerwiseSlerpStrategy,
+    M2N2Callback,
+)
 from m2n2_lightning.params import FlatParams
 from m2n2_lightning.strategies.base import build_strategy
-from m2n2_lightning.strategies.layerwise_simplex import helmert_basis, simplex_coordinates, simplex_weights
+from m2n2_lightning.strategies.layerwise_simplex import (
+    helmert_basis,
+    simplex_coordinates,
+    simplex_weights,
+)
 
 pytest.importorskip("transformers")
 from test_hf_merge import LanguageModule, tiny_gpt2
@@ -231,6 +239,7 @@ def test_four_seed_run_through_m2n2_callback_improves_on_the_uniform_average(tmp
     resumed, resumed_callback = fit("resumed", ckpt_path=next((tmp_path / "whole").glob("*-step=5.ckpt")))
     assert resumed_callback.strategy.forward_passes == 120
     assert torch.equal(resumed_callback.strategy.best_params(), strategy.best_params())
+    assert torch.equal(flat.flatten(resumed), strategy.best_params())
     for key, value in strategy.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(resumed_callback.strategy.state_dict()[key], value), key

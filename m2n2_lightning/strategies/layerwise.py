@@ -29,7 +29,11 @@ from m2n2_lightning.strategies import cmaes_parameters as cp
 from m2n2_lightning.strategies.base import ScoreCandidates, Strategy
 from m2n2_lightning.strategies.children import Children
 from m2n2_lightning.strategies.cmaes import CMAESStrategy
-from m2n2_lightning.strategies.layer_groups import group_gram, group_parameters, segments_of
+from m2n2_lightning.strategies.layer_groups import (
+    group_gram,
+    group_parameters,
+    segments_of,
+)
 from m2n2_lightning.strategies.mixture import Form, SeedVectors, merge_equal_rows
 
 #: Relative difference of the seeds' per-group Gram entries above which a resume is refused.
