@@ -117,10 +117,12 @@ def merge(point: GridPoint, seeds: Sequence[str], base: str, out: Path, dtype: s
     options = MergeOptions(copy_tokenizer=False, device="cpu", lazy_unpickle=False, random_seed=MERGEKIT_SEED,
                            write_model_card=False, quiet=True)
     states = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):  # run_merge seeds the global generators (transformers.set_seed)
-        run_merge(MergeConfiguration.model_validate(point.config(seeds, base, dtype)), str(out), options)
-    random.setstate(states[0])
-    np.random.set_state(states[1])
+    try:
+        with torch.random.fork_rng():  # run_merge seeds the global generators (transformers.set_seed)
+            run_merge(MergeConfiguration.model_validate(point.config(seeds, base, dtype)), str(out), options)
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
     return out
 
 
