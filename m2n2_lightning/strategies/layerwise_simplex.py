@@ -19,7 +19,7 @@ shift, CMA-ES's isotropic samples treat the seeds alike (softmax of (0, x)
 would single out seed 0: its log-ratios to the others would have half the
 variance of theirs to one another). A seed's own group (a simplex vertex) is
 approached, not reached: at |x| = 4.5 along the direction of seed k, w_gk is
-about 0.98 for K = 4. K = 2 gives the logistic mix sigmoid(sqrt(2) x) of the
+about 0.98 for K = 4. K = 2 gives the logistic mix (w_0 = sigmoid(sqrt(2) x)) of the
 two seeds (linear, where the SLERP strategy interpolates on the sphere).
 """
 
@@ -77,7 +77,7 @@ class LayerwiseSimplexStrategy(LayerwiseStrategy):
         popsize: candidates per generation (the paper's 25).
         sigma0: initial step size in the coordinates, 1.0: x0 +- 3 sigma0
             (pycma's advice for where the optimum should lie) reaches weights
-            of about 0.95 on one seed's group.
+            of about 0.91 on one seed's group (K = 4).
         x0: initial weights: None for the uniform average (x = 0), or K positive
             weights (normalised) for every group, or [G, K] of them.
         seed: seed of the inner CMA-ES's generator (the strategy's one generator).
