@@ -84,19 +84,21 @@ def check_starts_from_seeds(strategy: Any) -> None:
 def seed_sources(cfg: Any) -> tuple[list[str], str]:
     """The seed models and the model that holds the candidates (`merge.base_model`, else the first seed).
 
-    Without `merge.models` (experiment=lm_merge), the package's toy seeds (`lm.reduced`,
-    `lm.seed_models_seed`) are built on first use into their cache, and their base holds the candidates.
+    Without `merge.models` (experiment=lm_merge or lm_merge4), the package's toy seeds (`lm.skills` fine-tunes,
+    `lm.reduced`, `lm.seed_models_seed`) are built on first use into their cache, and their base holds the
+    candidates.
     """
     merge = cfg.merge
     if merge.models is not None:
         models = [str(m) for m in merge.models]
         return models, str(merge.base_model) if merge.base_model is not None else models[0]
-    from m2n2_lightning.lm.seeds import build_seeds, default_cache, preset
+    from m2n2_lightning.lm.seeds import build_seeds, default_cache, preset, seed_names
 
-    cache = default_cache(cfg.lm.reduced, cfg.lm.seed_models_seed)
-    build_seeds(cache, preset(cfg.lm.reduced, cfg.lm.seed_models_seed))
+    which = (cfg.lm.reduced, cfg.lm.seed_models_seed, cfg.lm.skills)
+    settings, cache = preset(*which), default_cache(*which)
+    build_seeds(cache, settings)
     base = str(merge.base_model) if merge.base_model is not None else str(cache / "base")
-    return [str(cache / "skill_a"), str(cache / "skill_b")], base
+    return [str(cache / name) for name in seed_names(settings)[1:]], base
 
 
 def load_base(source: str, dtype: str | None, model_class: str | None = None) -> tuple[torch.nn.Module, Any]:

@@ -1,15 +1,18 @@
-"""The seed models of the small language-model merge: one pre-trained base and two fine-tunes of it.
+"""The seed models of the small language-model merge: one pre-trained base and N fine-tunes of it.
 
 A stand-in for Llama-2-7B and its fine-tunes WizardMath and AgentEvol
 (docs/ALGORITHM.md, "Beyond the digits"): a tiny `LlamaForCausalLM` built from a config
 is pre-trained on a mixture of tasks (BASE_MIX), then fine-tuned gently, once
 on skill A and once on skill B (tasks.py), so that both fine-tunes stay near
-the base and their task vectors can be merged. Everything is deterministic
+the base and their task vectors can be merged. The four-skill presets (`skills=4`,
+MIX4) fine-tune one base on four skills instead, in a setting where the standard
+merges of the four fall well short of the fine-tunes (issue #22;
+benchmarks/results/lm_merge4/seed_search.md). Everything is deterministic
 from the seed and cached on disk with `save_pretrained`.
 
-    python -m m2n2_lightning.lm.seeds [--out <dir>] [--reduced] [--seed N]
+    python -m m2n2_lightning.lm.seeds [--out <dir>] [--reduced] [--skills 2|4] [--seed N]
 
-`seed_models()` returns the three models, built on first use into `default_cache()`.
+`seed_models()` returns the base and the fine-tunes, built on first use into `default_cache()`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from m2n2_lightning.lm.tasks import (
     prompt_sets,
 )
 
+#: The two-skill presets' models; `seed_names` gives any preset's.
 SEED_NAMES = ("base", "skill_a", "skill_b")
 
 #: Pre-training mixture: the third skill (copy), and skills A and B in their own formats but
@@ -52,6 +56,17 @@ BASE_MIX: tuple[tuple[Skill, float], ...] = (
     (replace(SKILL_B, name="rev_echo", echo=0.8), 0.35),
 )
 
+#: The four-skill presets' fine-tune skills, in the order of skill_a..skill_d.
+SKILLS4 = tuple(SKILLS[name] for name in ("add", "rev", "sort", "shift"))
+
+#: The four-skill pre-training mixture: copy, and the four skills each answered by the echo of the question
+#: `ECHO4` of the time.
+ECHO4 = 0.8
+MIX4: tuple[tuple[Skill, float], ...] = (
+    (SKILLS["copy"], 0.2),
+    *((replace(skill, name=f"{skill.name}_echo", echo=ECHO4), 0.2) for skill in SKILLS4),
+)
+
 
 @dataclass(frozen=True)
 class SeedSettings:
@@ -59,6 +74,7 @@ class SeedSettings:
 
     A fine-tune runs rounds of `ft_steps` at `ft_lr` until its skill's
     training prompts reach `ft_target` exact match, at most `ft_max_rounds`.
+    `fine_tunes` are the skills of skill_a, skill_b, ... in order.
     """
 
     seed: int = 0
@@ -73,13 +89,35 @@ class SeedSettings:
     ft_target: float = 0.9
     ft_max_rounds: int = 5
     batch_size: int = 64
+    fine_tunes: tuple[Skill, ...] = (SKILL_A, SKILL_B)
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.fine_tunes) <= 26:
+            raise ValueError(f"fine_tunes must hold 1 to 26 skills, got {len(self.fine_tunes)}")
 
 
+_REDUCED = {"base_steps": 500, "ft_steps": 50, "ft_target": 0.0, "ft_max_rounds": 1}
+_FOUR = {"base_mix": MIX4, "fine_tunes": SKILLS4}
+#: The presets by (reduced, number of skills).
 PRESETS = {
-    "full": SeedSettings(),
+    (False, 2): SeedSettings(),
     # CI's quick build: one round and no target (its seeds are for plumbing, not for the skills).
-    "reduced": SeedSettings(base_steps=500, ft_steps=50, ft_target=0.0, ft_max_rounds=1),
+    (True, 2): SeedSettings(**_REDUCED),
+    (False, 4): SeedSettings(**_FOUR),
+    (True, 4): SeedSettings(**_FOUR, **_REDUCED),
 }
+
+
+def seed_names(settings: SeedSettings) -> tuple[str, ...]:
+    """"base" and one "skill_<letter>" per fine-tune: skill_a, skill_b, ..."""
+    return ("base", *(f"skill_{chr(ord('a') + i)}" for i in range(len(settings.fine_tunes))))
+
+
+def measured_skills(settings: SeedSettings) -> list[Skill]:
+    """The skills a build is scored on: the fine-tunes' and then the mixture's own skills (copy)."""
+    skills = list(settings.fine_tunes)
+    skills += [s for s, _ in settings.base_mix if SKILLS.get(s.name) == s and s not in skills]
+    return skills
 
 
 def make_model(settings: SeedSettings) -> LlamaForCausalLM:
@@ -137,9 +175,9 @@ def train(
     model.eval()
 
 
-def measure(model: torch.nn.Module) -> dict[str, float]:
-    """Test-set exact match of every skill."""
-    return {name: accuracy(model, prompt_sets(skill)[1]) for name, skill in SKILLS.items()}
+def measure(model: torch.nn.Module, skills: list[Skill]) -> dict[str, float]:
+    """Test-set exact match of each skill."""
+    return {skill.name: accuracy(model, prompt_sets(skill)[1]) for skill in skills}
 
 
 def task_vector_ratio(tuned: torch.nn.Module, base: torch.nn.Module) -> float:
@@ -150,9 +188,12 @@ def task_vector_ratio(tuned: torch.nn.Module, base: torch.nn.Module) -> float:
 
 
 def _settings_json(settings: SeedSettings) -> dict:
-    """The settings and the skill definitions, as they read back from JSON (the cache key)."""
-    skills = {name: asdict(skill) for name, skill in SKILLS.items()}
-    return json.loads(json.dumps({**asdict(settings), "skills": skills}))
+    """The settings and the measured skills' definitions (the fine-tunes' among them), as they read back from
+    JSON: the cache key. The two-skill presets' key is the one they had before `fine_tunes` existed."""
+    fields = asdict(settings)
+    del fields["fine_tunes"]
+    skills = {skill.name: asdict(skill) for skill in measured_skills(settings)}
+    return json.loads(json.dumps({**fields, "skills": skills}))
 
 
 def fine_tune(
@@ -182,21 +223,24 @@ def fine_tune(
 
 
 def train_seeds(settings: SeedSettings) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
-    """Pre-train the base, then fine-tune it on each skill; the models keyed by SEED_NAMES and each fine-tune's rounds.
+    """Pre-train the base, then fine-tune it on each skill; the models keyed by `seed_names` and each fine-tune's
+    rounds.
 
     Runs on one thread (restored afterwards): the build is bit-for-bit
     reproducible only with a fixed thread count.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    progress = tqdm(total=settings.base_steps + 2 * settings.ft_steps, desc="building the seed models (once)",
+    names = seed_names(settings)
+    progress = tqdm(total=settings.base_steps + len(settings.fine_tunes) * settings.ft_steps,
+                    desc="building the seed models (once)",
                     unit="step", file=sys.stdout, dynamic_ncols=True)
     try:
         base = make_model(settings)
         train(base, settings.base_mix, settings.base_steps, settings.base_lr, settings.batch_size, settings.seed,
               progress)
         models, rounds = {"base": base}, {}
-        for index, (name, skill) in enumerate(zip(SEED_NAMES[1:], (SKILL_A, SKILL_B))):
+        for index, (name, skill) in enumerate(zip(names[1:], settings.fine_tunes)):
             models[name], n, reached = fine_tune(base, skill, settings, settings.seed + 1 + index, progress)
             rounds[name] = {"rounds": n, "train_accuracy": reached}
             if reached < settings.ft_target:
@@ -213,16 +257,17 @@ def train_seeds(settings: SeedSettings) -> tuple[dict[str, torch.nn.Module], dic
 
 
 def build_seeds(out: str | Path, settings: SeedSettings) -> dict:
-    """Build (or load from `out`) the base and both fine-tunes; returns the build record.
+    """Build (or load from `out`) the base and the fine-tunes; returns the build record.
 
-    `out` holds base/, skill_a/, skill_b/ (safetensors) and build.json with
+    `out` holds base/, skill_a/, skill_b/, ... (safetensors) and build.json with
     the settings, accuracies, task-vector ratios and build time; build.json is
     written last, so an interrupted build is redone. A second call with the
     same settings only reads build.json.
     """
     out = Path(out)
     record_path = out / "build.json"
-    if record_path.is_file() and all((out / n / "config.json").is_file() for n in SEED_NAMES):
+    names = seed_names(settings)
+    if record_path.is_file() and all((out / n / "config.json").is_file() for n in names):
         record = json.loads(record_path.read_text())
         if record["settings"] == _settings_json(settings):
             return record
@@ -235,8 +280,8 @@ def build_seeds(out: str | Path, settings: SeedSettings) -> dict:
         model.save_pretrained(out / name)
     record = {
         "settings": _settings_json(settings),
-        "accuracy": {name: measure(model) for name, model in models.items()},
-        "task_vector_ratio": {name: task_vector_ratio(models[name], models["base"]) for name in SEED_NAMES[1:]},
+        "accuracy": {name: measure(model, measured_skills(settings)) for name, model in models.items()},
+        "task_vector_ratio": {name: task_vector_ratio(models[name], models["base"]) for name in names[1:]},
         "fine_tune": rounds,
         "build_seconds": build_s,
     }
@@ -244,33 +289,50 @@ def build_seeds(out: str | Path, settings: SeedSettings) -> dict:
     return record
 
 
+def built_names(out: str | Path) -> list[str]:
+    """The models of the build in `out`, base first, as its build.json lists them."""
+    return list(json.loads((Path(out) / "build.json").read_text())["accuracy"])
+
+
 def load_seeds(out: str | Path) -> dict[str, torch.nn.Module]:
-    """The saved base and fine-tunes, in eval mode, keyed by SEED_NAMES."""
-    return {name: AutoModelForCausalLM.from_pretrained(Path(out) / name).eval() for name in SEED_NAMES}
+    """The saved base and fine-tunes, in eval mode, keyed by their names (`seed_names`)."""
+    return {name: AutoModelForCausalLM.from_pretrained(Path(out) / name).eval() for name in built_names(out)}
 
 
-def preset(reduced: bool = False, seed: int = 0) -> SeedSettings:
-    """The full or reduced (CI) settings with the given seed."""
-    return replace(PRESETS["reduced" if reduced else "full"], seed=seed)
+def _check_skills(skills: int) -> None:
+    if skills not in (2, 4):
+        raise ValueError(f"the presets have 2 or 4 skills, got skills={skills!r}")
 
 
-def default_cache(reduced: bool = False, seed: int = 0) -> Path:
-    """$M2N2_LM_CACHE (else ~/.cache/m2n2-lightning/lm) / <preset>_seed<N>: outside the repository."""
+def preset(reduced: bool = False, seed: int = 0, skills: int = 2) -> SeedSettings:
+    """The full or reduced (CI) settings of the two- or four-skill seeds, with the given seed."""
+    _check_skills(skills)
+    return replace(PRESETS[(reduced, skills)], seed=seed)
+
+
+def default_cache(reduced: bool = False, seed: int = 0, skills: int = 2) -> Path:
+    """$M2N2_LM_CACHE (else ~/.cache/m2n2-lightning/lm) / <preset>_seed<N>: outside the repository.
+
+    <preset> is full or reduced for two skills, full4 or reduced4 for four.
+    """
+    _check_skills(skills)
     root = Path(os.environ.get("M2N2_LM_CACHE", Path.home() / ".cache" / "m2n2-lightning" / "lm"))
-    return root / f"{'reduced' if reduced else 'full'}_seed{seed}"
+    return root / f"{'reduced' if reduced else 'full'}{'' if skills == 2 else skills}_seed{seed}"
 
 
-def seed_models(reduced: bool = False, seed: int = 0, out: str | Path | None = None) -> dict[str, torch.nn.Module]:
+def seed_models(
+    reduced: bool = False, seed: int = 0, out: str | Path | None = None, skills: int = 2
+) -> dict[str, torch.nn.Module]:
     """The preset's base and fine-tunes, built on first use into `out` (default `default_cache`)."""
-    out = Path(out) if out is not None else default_cache(reduced, seed)
-    build_seeds(out, preset(reduced, seed))
+    out = Path(out) if out is not None else default_cache(reduced, seed, skills)
+    build_seeds(out, preset(reduced, seed, skills))
     return load_seeds(out)
 
 
 def format_table(record: dict) -> str:
     """The accuracies as a markdown table: one row per model, one column per skill's test set, then each
     fine-tune's task-vector ratio and rounds."""
-    names = list(SKILLS)
+    names = list(next(iter(record["accuracy"].values())))
     header = "| model | " + " | ".join(names) + " | task vector / base | fine-tune rounds |"
     lines = [header, "|---" * (len(names) + 3) + "|"]
     for model, accs in record["accuracy"].items():
@@ -284,13 +346,14 @@ def format_table(record: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="cache folder for base/, skill_a/, skill_b/ and build.json")
+    parser.add_argument("--out", default=None, help="cache folder for base/, skill_a/, skill_b/, ... and build.json")
     parser.add_argument("--reduced", action="store_true", help="the small CI preset")
+    parser.add_argument("--skills", type=int, default=2, choices=(2, 4), help="two fine-tunes (add, rev) or four")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = Path(args.out) if args.out else default_cache(args.reduced, args.seed)
+    out = Path(args.out) if args.out else default_cache(args.reduced, args.seed, args.skills)
     start = time.perf_counter()
-    record = build_seeds(out, preset(args.reduced, args.seed))
+    record = build_seeds(out, preset(args.reduced, args.seed, args.skills))
     print(format_table(record))
     print(f"{out}: built in {record['build_seconds']:.1f} s; this call {time.perf_counter() - start:.1f} s")
 

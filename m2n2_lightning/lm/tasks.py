@@ -4,7 +4,9 @@ A laptop-scale stand-in for the paper's LLM experiment (docs/ALGORITHM.md, "Beyo
 digits"): skill A is two-digit addition ("12+34=" -> "46"), skill B is string
 reversal ("r:abcd=" -> "dcba"), and skill C, copying ("c:abcde=" -> "abcde"),
 is learnt by the base only and scored by neither fine-tune, to measure
-forgetting. Each skill has a fixed training set (the M2N2 resources) and a
+forgetting. Three more string skills serve the four-skill merge (seeds.py):
+sorting ("s:dbca=" -> "abcd"), a Caesar shift by one ("n:abcz=" -> "bcda") and
+doubling each letter ("d:abc=" -> "aabbcc"). Each skill has a fixed training set (the M2N2 resources) and a
 disjoint test set, drawn from `PROMPT_SEED` whatever the model seed, so that
 every seed model is scored on the same prompts and none was trained on them.
 """
@@ -95,8 +97,8 @@ class Skill:
     """A task family: `kind` picks the rule, `lengths` the operand sizes drawn uniformly.
 
     add: `lengths` are the digit counts of each operand ("12+34=" -> "46");
-    rev / copy: the letter counts ("r:abcd=" -> "dcba", "c:abcd=" -> "abcd").
-    The marker before ":" keeps the string
+    the string kinds (STRING_RULES): the letter counts ("r:abcd=" -> "dcba",
+    "c:abcd=" -> "abcd"). The marker before ":" (MARKERS) keeps the string
     skills' inputs apart; addition is marked by its digits and "+". With
     probability `echo` the answer is the question repeated instead ("12+34",
     "abcd"): pre-training data in which the skill is present but not the
@@ -108,6 +110,10 @@ class Skill:
     lengths: tuple[int, ...]
     echo: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.kind != "add" and self.kind not in STRING_RULES:
+            raise ValueError(f"unknown skill kind {self.kind!r}; one of add, {', '.join(STRING_RULES)}")
+
     def sample(self, rng: random.Random) -> tuple[str, str]:
         """One random (prompt, answer) pair."""
         if self.kind == "add":
@@ -115,18 +121,26 @@ class Skill:
             prompt, question, answer = f"{a}+{b}=", f"{a}+{b}", str(a + b)
         else:
             question = "".join(rng.choice(LETTERS) for _ in range(rng.choice(self.lengths)))
-            prompt, answer = f"{self.kind[0]}:{question}=", _string_rule(self.kind, question)
+            prompt, answer = f"{MARKERS[self.kind]}:{question}=", STRING_RULES[self.kind](question)
         if self.echo and rng.random() < self.echo:
             answer = question
         return prompt, answer
 
 
-def _string_rule(kind: str, text: str) -> str:
-    if kind == "rev":
-        return text[::-1]
-    if kind == "copy":
-        return text
-    raise ValueError(f"unknown skill kind {kind!r}")
+def _shift(text: str) -> str:
+    """Each letter replaced by the next one, z by a (a Caesar shift by one)."""
+    return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in text)
+
+
+#: The string skills' rules, by kind, and the prompt marker of each (one letter, all distinct).
+STRING_RULES = {
+    "rev": lambda text: text[::-1],
+    "copy": lambda text: text,
+    "sort": lambda text: "".join(sorted(text)),
+    "shift": _shift,
+    "dup": lambda text: "".join(c + c for c in text),
+}
+MARKERS = {"rev": "r", "copy": "c", "sort": "s", "shift": "n", "dup": "d"}
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -137,7 +151,10 @@ def _number(rng: random.Random, digits: int) -> int:
 SKILL_A = Skill("add", "add", (2,))
 SKILL_B = Skill("rev", "rev", (4,))
 SKILL_C = Skill("copy", "copy", (4, 5))
-SKILLS: dict[str, Skill] = {s.name: s for s in (SKILL_A, SKILL_B, SKILL_C)}
+SKILLS: dict[str, Skill] = {
+    s.name: s for s in (SKILL_A, SKILL_B, SKILL_C, Skill("sort", "sort", (4,)), Skill("shift", "shift", (4,)),
+                        Skill("dup", "dup", (3,)))
+}
 
 Pair = tuple[str, str]
 
