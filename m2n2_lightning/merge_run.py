@@ -129,7 +129,7 @@ def check_model_class(model_class: Any) -> None:
         return
     try:
         found = get_class(str(model_class))
-    except Exception as error:  # Hydra wraps the import error: its message says what is missing
+    except (ImportError, ValueError) as error:  # Hydra wraps the import error: its message says what is missing
         raise ValueError(f"merge.model_class={model_class!r} does not import as a class ({error})") from None
     if not callable(getattr(found, "from_pretrained", None)):
         raise ValueError(f"merge.model_class={model_class!r} has no from_pretrained: name a class that loads a saved model")
