@@ -94,7 +94,7 @@ def scorer_dir(cache: str | Path) -> Path:
 
 
 def _fine_tune(base: UNet2DConditionModel, settings: SeedSettings, encoder: CLIPTextModel, images: torch.Tensor,
-               captions: list[list[str]], offset: int, **options: float | int | bool) -> UNet2DConditionModel:
+               captions: list[list[str]], offset: int, **options: float | bool) -> UNet2DConditionModel:
     """A copy of the base U-Net trained further on `images` (`options`: those of `train_denoiser`)."""
     s = settings
     unet = make_unet(s.channels, s.text_hidden, s.seed)

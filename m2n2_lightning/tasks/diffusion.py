@@ -48,7 +48,12 @@ class DiffusionTask:
         """Build the seeds and scorer if not cached; the resource captions and a test set per language ("en", "ja")."""
         from m2n2_lightning.diffusion import data
         from m2n2_lightning.diffusion.scorer import ImageEncoder
-        from m2n2_lightning.diffusion.seeds import build_seeds, load_text_encoder, preset, scorer_dir
+        from m2n2_lightning.diffusion.seeds import (
+            build_seeds,
+            load_text_encoder,
+            preset,
+            scorer_dir,
+        )
 
         build_seeds(self.cache, preset(self.preset, self.seed_models_seed))
         self._encoder = load_text_encoder(self.cache, self.text_encoder)
@@ -73,12 +78,20 @@ class DiffusionTask:
         states = torch.stack([self._states[e["caption"]] for e in examples])
         return generate(unet, states, [e["image"] for e in examples], self.steps)
 
+    @property
+    def scorer(self) -> nn.Module:
+        """The image encoder that plays CLIP's role (after `load`)."""
+        return self._scorer
+
+    def real(self, examples: list[dict]) -> Tensor:
+        """The real images [B, 1, 8, 8] of the examples' captions (after `load`)."""
+        return self._images[[e["image"] for e in examples]]
+
     def score(self, model: nn.Module, examples: list[dict]) -> Tensor:
         """[B] normalised similarity in [0, 1] of each generated image to its caption's real image."""
         from m2n2_lightning.diffusion.scorer import similarity
 
-        real = self._images[[e["image"] for e in examples]]
-        return similarity(self._scorer, self.generate(model, examples), real)
+        return similarity(self._scorer, self.generate(model, examples), self.real(examples))
 
     def test_score(self, model: nn.Module, examples: list[dict]) -> Tensor:
         """The same similarity, on the test captions."""
