@@ -9,6 +9,8 @@
         --out benchmarks/results/merge
     # merging two fine-tuned language models by generation (the paper's section 4.2: 1,000 evaluations)
     OMP_NUM_THREADS=1 python benchmarks/compare.py --setting lm_merge --seeds 3 --out benchmarks/results/lm_merge
+    # the four-skill setting, where standard merges lose skills (issue #22)
+    OMP_NUM_THREADS=1 python benchmarks/compare.py --setting lm_merge4 --seeds 3 --out benchmarks/results/lm_merge4
 
 A method is a strategy config of m2n2_lightning/conf/strategy/ (m2n2, cmaes, cmaes_diagonal,
 ga, ga_no_crossover, m2n2_no_crossover, m2n2_no_split_point,
@@ -32,15 +34,16 @@ figure and table from earlier results.csv files without running anything.
 With `--jobs 1`, Ctrl-C stops the current run and writes the outputs with the
 rows recorded so far (the table shows the forward passes each run reached).
 
-`--setting lm_merge` (compare_lm.py) runs the language-model merge of m2n2_lightning/lm
-through train.py's `experiment=lm_merge` config and the package's runner (callback and
-Trainer): methods m2n2, m2n2_max_char_fraction, ga, m2n2_no_split_point,
-m2n2_no_matchmaker, map_elites, cmaes_layerwise_slerp, slerp_brute_force, and skill_a /
-skill_b (each seed alone);
-`--forward-passes` defaults to the config's 1,000 evaluations. results.csv then also has a
-`<skill>_test` column per test set (test_acc is the mean of the two trained skills), and
-curves.csv / curves.png hold the population's coverage and fitness entropy after every
-step; table.md ranks the methods like the paper's Table 1 and figure.png shows it as bars.
+`--setting lm_merge` and `--setting lm_merge4` (compare_lm.py) run the language-model merges of
+m2n2_lightning/lm (two fine-tunes; four, where standard merges lose skills) through train.py's
+`experiment=lm_merge` / `experiment=lm_merge4` config and the package's runner (callback and
+Trainer): the searches (M2N2, its ablations, the GA, MAP-Elites, the layerwise CMA-ES), the
+SLERP sweep (two seeds), mergekit's methods on a grid chosen by training accuracy, the gradient
+fine-tunes and each seed alone; `--forward-passes` defaults to the config's 1,000
+evaluations. results.csv then also has a `<skill>_test` column per test set (test_acc is the
+mean of the trained skills), and curves.csv / curves.png hold the population's coverage and
+fitness entropy after every step; table.md ranks the methods like the paper's Table 1,
+figure.png shows it as bars and accuracy.png the test accuracy against evaluations.
 Ctrl-C there stops everything (results.csv keeps the finished runs).
 
 The runs live in compare_runs.py / compare_lm.py, the outputs in compare_outputs.py /
@@ -73,8 +76,8 @@ from compare_runs import (
     run_all,
 )
 
-SETTINGS = ("scratch", "merge", "lm_merge")
-DEFAULT_METHODS = {"scratch": "m2n2,ga", "merge": "m2n2,ga", "lm_merge": ",".join(LM_METHODS)}
+SETTINGS = ("scratch", "merge", *LM_METHODS)
+DEFAULT_METHODS = {"scratch": "m2n2,ga", "merge": "m2n2,ga", **{s: ",".join(m) for s, m in LM_METHODS.items()}}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -86,17 +89,17 @@ def parse_seeds(text: str) -> list[int]:
 
 def known_methods(setting: str) -> tuple[str, ...]:
     """The methods a setting runs."""
-    if setting == "lm_merge":
-        return tuple(LM_METHODS)
+    if setting in LM_METHODS:
+        return tuple(LM_METHODS[setting])
     return STRATEGY_METHODS + ((BRUTE_FORCE,) if setting == "merge" else ())
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=None, help="comma list (default: m2n2,ga; lm_merge: all of its methods)")
+    parser.add_argument("--methods", default=None, help="comma list (default: m2n2,ga; lm_merge*: all of its methods)")
     parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("3"), help="N (seeds 0..N-1) or a comma list")
     parser.add_argument("--forward-passes", type=int, default=None,
-                        help="budget per run (default 10,000; lm_merge: the config's 1,000 evaluations)")
+                        help="budget per run (default 10,000; lm_merge*: the config's 1,000 evaluations)")
     parser.add_argument("--setting", choices=SETTINGS, default="scratch")
     parser.add_argument("--data", choices=tuple(EXPERIMENT), default="digits")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: the data config's)")
@@ -118,10 +121,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"unknown method(s) {unknown} for --setting {args.setting}; choose from {', '.join(known)}")
     if args.setting == "merge" and set(args.methods) & set(SCRATCH_ONLY):
         parser.error(f"{', '.join(SCRATCH_ONLY)} cannot start from given models: leave them out of --setting merge")
-    if args.setting == "lm_merge" and (args.precision != "32" or args.data != "digits" or args.data_dir):
-        parser.error("--precision, --data and --data-dir do not apply to --setting lm_merge (its prompts and models are "
-                     "the merge block of conf/experiment/lm_merge.yaml: change them with --override merge.<key>=...)")
-    if args.forward_passes is None and args.setting != "lm_merge":
+    if args.setting in LM_METHODS and (args.precision != "32" or args.data != "digits" or args.data_dir):
+        parser.error(f"--precision, --data and --data-dir do not apply to --setting {args.setting} (its prompts and models "
+                     f"are the merge block of conf/experiment/{args.setting}.yaml: change them with --override "
+                     "merge.<key>=...)")
+    if args.forward_passes is None and args.setting not in LM_METHODS:
         args.forward_passes = 10_000
     if not args.seeds:
         parser.error("--seeds N runs seeds 0..N-1, so N must be >= 1; for seed 0 alone write --seeds 0,")
@@ -135,13 +139,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Run (or with --from-csv, only redraw) and write the outputs; returns the output folder."""
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    lm = args.setting == "lm_merge"
+    lm = args.setting in LM_METHODS
     if args.from_csv:
         rows = [row for path in args.from_csv for row in read_csv(path)]
         if lm:
             curves = [row for path in args.from_csv if (path.parent / "curves.csv").is_file()
                       for row in read_curves(path.parent / "curves.csv")]
-            write_lm_outputs(rows, curves, args.out)
+            write_lm_outputs(rows, curves, args.out, args.setting)
         else:
             write_outputs(rows, args)
         return args.out
@@ -165,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     run_all(specs, args.jobs, on_done, run_lm if lm else run)
     if lm:
-        write_lm_outputs(rows, curves, args.out)
+        write_lm_outputs(rows, curves, args.out, args.setting)
     else:
         write_outputs(rows, args)
     print(f"\n{(args.out / 'table.md').read_text()}\nresults.csv, figure.png, table.md in {args.out}")

@@ -1,9 +1,11 @@
-"""The outputs of benchmarks/compare.py --setting lm_merge: results.csv, curves.csv, table.md, figure.png, curves.png.
+"""The outputs of benchmarks/compare.py --setting lm_merge*: results.csv, curves.csv, table.md and three figures.
 
 table.md is laid out like the paper's Table 1 (each skill's test accuracy and their mean,
 here also the copy skill that no fitness term scores), methods ranked by the mean;
-figure.png shows the same numbers as bars with standard errors over seeds; curves.png the
-population's niche coverage and fitness entropy against evaluations (the paper's figure 5).
+figure.png shows the same numbers as bars with standard errors over seeds; accuracy.png the
+best member's test accuracy against evaluations (a baseline without a search, such as one
+of mergekit's grids, is a point at the evaluations it spent); curves.png the population's
+niche coverage and fitness entropy against evaluations (the paper's figure 5).
 """
 
 from __future__ import annotations
@@ -49,13 +51,13 @@ def final_stats(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def lm_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown like the paper's Table 1: each skill's test accuracy, the mean of the two skills (± s.e.)."""
+    """Markdown like the paper's Table 1: each skill's test accuracy, the mean of the trained skills (± s.e.)."""
     skills = skill_columns(rows)
     stats = final_stats(rows)
     head = [f"{name.removesuffix('_test')} test" for name in skills]
     lines = [
         "| rank | method | seeds | evaluations | " + " | ".join(head)
-        + " | mean of the two skills (± s.e.) | train exact match | wall s per run |",
+        + " | mean of the trained skills (± s.e.) | train exact match | wall s per run |",
         "|---" * (len(head) + 7) + "|",
     ]
     for rank, (method, s) in enumerate(stats.items(), 1):
@@ -88,7 +90,7 @@ def save_bars(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
         xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(stats))]
         means = [s[column][0] for s in stats.values()]
         errors = [s[column][1] for s in stats.values()]
-        label = "mean of the two skills" if column == "test_acc" else f"{column.removesuffix('_test')} test"
+        label = "mean of the trained skills" if column == "test_acc" else f"{column.removesuffix('_test')} test"
         axes.bar(xs, means, width, yerr=errors, capsize=2, label=label)
     axes.set_xticks(range(len(stats)))
     axes.set_xticklabels([LM_LABELS.get(m, m) for m in stats], rotation=30, ha="right", fontsize=7)
@@ -125,13 +127,48 @@ def save_curves(curves: Sequence[dict[str, Any]], title: str, path: Path) -> Non
     plt.close(figure)
 
 
-def write_lm_outputs(rows: Sequence[dict[str, Any]], curves: Sequence[dict[str, Any]], out: Path) -> None:
-    """results.csv, curves.csv, table.md, figure.png and curves.png in `out`."""
+def save_accuracy(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
+    """The best member's test accuracy (mean of the trained skills) against evaluations: a line per search (mean
+    over seeds, standard-error band), a point with whiskers per baseline that spends its evaluations at once."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(10, 5.5))
+    for method, runs in runs_by_method(rows).items():
+        label = f"{LM_LABELS.get(method, method)}, n={len(runs)}"
+        if all(len(run) == 1 for run in runs):
+            mean, error = mean_and_error([run[-1]["test_acc"] for run in runs])
+            passes = statistics.fmean(run[-1]["forward_passes"] for run in runs)
+            axes.errorbar([passes], [mean], yerr=[error], fmt="o", capsize=3, label=label)
+            continue
+        end = min(run[-1]["forward_passes"] for run in runs)
+        grid = [round(end * i / 200) for i in range(201)]
+        stats = [mean_and_error(values) for values in zip(*(curve(run, grid) for run in runs))]
+        line = axes.plot(grid, [m for m, _ in stats], label=label)[0]
+        if len(runs) > 1:
+            axes.fill_between(grid, [m - e for m, e in stats], [m + e for m, e in stats], color=line.get_color(),
+                              alpha=0.2, linewidth=0)
+    axes.set_xlabel("evaluations (candidates scored on every training prompt)")
+    axes.set_ylabel("test exact match of the best member (mean of the trained skills)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+#: Each setting's figure titles: what is merged.
+MERGED = {"lm_merge": "two fine-tuned language models (add, rev)", "lm_merge4": "four fine-tuned language models"}
+
+
+def write_lm_outputs(rows: Sequence[dict[str, Any]], curves: Sequence[dict[str, Any]], out: Path,
+                     setting: str = "lm_merge") -> None:
+    """results.csv, curves.csv, table.md, figure.png, accuracy.png and curves.png in `out`."""
     write_csv(rows, out / "results.csv")
     write_curve(curves, out / "curves.csv", ("method", "seed"))
     (out / "table.md").write_text(lm_table(rows))
-    save_bars(rows, "Merging two fine-tuned language models (add, rev): test accuracy, mean ± s.e. over seeds",
-              out / "figure.png")
+    merged = MERGED.get(setting, setting)
+    save_bars(rows, f"Merging {merged}: test accuracy, mean ± s.e. over seeds", out / "figure.png")
+    save_accuracy(rows, f"Merging {merged}: the best member's test accuracy against evaluations", out / "accuracy.png")
     if curves:
         save_curves(curves, "Population of each search: coverage and fitness entropy on the training prompts",
                     out / "curves.png")

@@ -59,6 +59,17 @@ def check_merge(cfg: Any) -> None:
         raise ValueError("merge.tasks must name at least one task (a dataset, an lm-eval task, the toy skills)")
     check_model_class(merge.get("model_class"))
     check_starts_from_seeds(cfg.strategy)
+    if cfg.strategy.get("task_vectors") and models is not None and merge.base_model is None:
+        raise ValueError(
+            "strategy.task_vectors crosses the seeds' task vectors over the model they were fine-tuned from: "
+            "set merge.base_model to that base"
+        )
+
+
+def strategy_seeds(cfg: Any, seeds: list[str], base: str) -> list[str]:
+    """The strategy's `init_models`: the seeds, then the base where the strategy works in task-vector space
+    (`M2N2Strategy(task_vectors=True)` takes the last seed as the base)."""
+    return [*seeds, base] if cfg.strategy.get("task_vectors") else seeds
 
 
 def starts_from_seeds(strategy: Any) -> bool:
@@ -229,7 +240,8 @@ def build_merge(cfg: Any, checkpoints: ModelCheckpoint) -> MergeRun:
     tasks.bind(tokenizer)
     torch.set_num_threads(cfg.threads or auto_threads(FlatParams(model).num_params, len(tasks.resources)))
     evolution = M2N2Callback(
-        strategy=instantiate(cfg.strategy), init_from=seeds, evaluate=tasks.evaluate, resources=tasks.loader(),
+        strategy=instantiate(cfg.strategy), init_from=strategy_seeds(cfg, seeds, base), evaluate=tasks.evaluate,
+        resources=tasks.loader(),
         model=model, chunk_size=cfg.module.chunk_size, block_size=cfg.module.block_size,
         steps_per_batch=cfg.module.steps_per_batch, max_forward_passes=cfg.forward_passes, heatmap=False,
         allow_resume_changes=cfg.allow_resume_changes,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from test_lm_merge import tiny  # noqa: F401  (the tiny seed models, a module fixture)
 
 from m2n2_lightning import M2N2Strategy
 from m2n2_lightning.strategies.coefficient_archive import CoefficientArchive
@@ -81,3 +83,21 @@ def test_the_strategy_runs_and_refuses_what_cannot_hold_it() -> None:
         M2N2Strategy(d, pop_size=4, init_models=seeds, task_vectors=True)
     with pytest.raises(ValueError, match="two or more fine-tunes and then their base"):
         M2N2Strategy(d, pop_size=4, init_models=seeds[1:], storage="coefficients", task_vectors=True)
+
+
+def test_train_py_merges_in_task_vector_space_and_the_recipe_rebuilds_it(tiny, tmp_path) -> None:  # noqa: F811
+    """train.py passes the base as the last seed; best_model/'s recipe names it and rebuilds the merge bit for bit."""
+    from test_lm_entry import tiny_seeds, train_lm
+    from transformers import AutoModelForCausalLM
+
+    from m2n2_lightning.merging.rebuild import rebuild_to
+    from m2n2_lightning.merging.recipe import RECIPE_FILE, Recipe
+
+    summary = train_lm(tmp_path / "run", *tiny_seeds(tiny), "forward_passes=12", "strategy.task_vectors=true")
+    assert summary["strategy_settings"]["task_vectors"] is True and summary["strategy_settings"]["seed_models"] == 3
+    recipe = Recipe.load(tmp_path / "run" / "best_model" / RECIPE_FILE)
+    assert [Path(seed).name for seed in recipe.seeds] == ["skill_a", "skill_b", "base"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "best_model").state_dict()
+    rebuilt = AutoModelForCausalLM.from_pretrained(rebuild_to(tmp_path / "run" / "best_model" / RECIPE_FILE,
+                                                              tmp_path / "rebuilt")).state_dict()
+    assert all(torch.equal(value, merged[name]) for name, value in rebuilt.items())
