@@ -30,7 +30,7 @@ def training_pairs(resources: Any) -> list[tuple[str, str]]:
     pairs = [example for _, example in resources.dataset]
     for pair in pairs:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise ValueError(f"the gradient baseline trains on (prompt, answer) text pairs (the skill task), got {pair!r}")
+            raise ValueError(f"the gradient baseline trains on (prompt, answer) text pairs (the skill task): {pair!r}")
     return [tuple(pair) for pair in pairs]
 
 
