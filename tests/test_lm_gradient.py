@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from m2n2_lightning.lm.gradient import batch_schedule, gradient_fine_tune, train_run, warmup_cosine
+from m2n2_lightning.lm.gradient import (
+    batch_schedule,
+    gradient_fine_tune,
+    train_run,
+    warmup_cosine,
+)
 from m2n2_lightning.lm.tasks import SKILLS, TOKENIZER, prompt_sets
 from m2n2_lightning.tasks.base import TaskSet
 from m2n2_lightning.tasks.skills import SkillTask
@@ -53,10 +59,10 @@ def test_batch_schedule_spends_the_budget_exactly_in_whole_epochs():
     assert batches != list(batch_schedule(10, 25, 4, seed=4))
 
 
-@pytest.mark.parametrize("bad", [dict(n=0), dict(example_passes=0), dict(batch_size=0)])
+@pytest.mark.parametrize("bad", [{"n": 0}, {"example_passes": 0}, {"batch_size": 0}])
 def test_batch_schedule_refuses_an_empty_budget(bad):
     with pytest.raises(ValueError):
-        next(batch_schedule(**{**dict(n=10, example_passes=5, batch_size=2, seed=0), **bad}))
+        next(batch_schedule(**{"n": 10, "example_passes": 5, "batch_size": 2, "seed": 0, **bad}))
 
 
 def test_warmup_cosine_by_hand():
@@ -79,7 +85,7 @@ def test_steps_and_test_points_follow_the_budget():
     assert [p.forward_passes for p in points] == [0, 1, 2, 3, 3]
     assert points[0].test["norm"] == pytest.approx(weight_norm(tiny_model(), None))
     assert points[-1].test["norm"] == pytest.approx(weight_norm(model, None))
-    assert points[0].wall_seconds == 0.0 and all(a.wall_seconds < b.wall_seconds for a, b in zip(points, points[1:]))
+    assert points[0].wall_seconds == 0.0 and all(a.wall_seconds < b.wall_seconds for a, b in itertools.pairwise(points))
 
 
 def test_trains_only_on_the_training_pairs():
@@ -137,9 +143,9 @@ def test_exact_match_on_real_prompts():
     assert all(v in (0.0, 0.5, 1.0) for v in [*result.test.values(), result.train])  # 2 prompts each
 
 
-@pytest.mark.parametrize("bad", [dict(pairs=[]), dict(lrs=()), dict(lrs=(0.0,)), dict(example_passes=0)])
+@pytest.mark.parametrize("bad", [{"pairs": []}, {"lrs": ()}, {"lrs": (0.0,)}, {"example_passes": 0}])
 def test_refuses_bad_input(bad):
-    args = dict(pairs=TRAIN, lrs=(1e-3,), example_passes=10)
+    args = {"pairs": TRAIN, "lrs": (1e-3,), "example_passes": 10}
     with pytest.raises(ValueError):
         gradient_fine_tune(tiny_model(), tests={}, test_fn=weight_norm, **{**args, **bad})
 
