@@ -6,7 +6,7 @@ U-Nets cost no search. Each resulting U-Net is then evaluated on the test captio
 languages (m2n2_lightning/diffusion/evaluate.py): the normalised similarity, the FID-like
 distance on the scorer's features, and the consistency between the languages. Writes, under
 --out: results.csv, results.md, curves.png (coverage and fitness entropy of the merges), grid.png
-(the same test captions, in the second language, for every model), and each run's directory.
+(the same test captions, in the second language, for every model); the runs go to --runs.
 
     OMP_NUM_THREADS=1 python benchmarks/diffusion_merge.py [--seed 0] [--evaluations 100] [--preset full]
 """
@@ -39,9 +39,9 @@ MERGES = {
 }
 
 
-def run_merge(name: str, overrides: list[str], args: argparse.Namespace, out: Path) -> Path:
+def run_merge(name: str, overrides: list[str], args: argparse.Namespace) -> Path:
     """Run one merge with train.py; its run directory."""
-    run_dir = out / "runs" / f"{name}_seed{args.seed}"
+    run_dir = args.runs.resolve() / f"{name}_seed{args.seed}"
     task = [f"merge.tasks.images.{k}={v}" for k, v in
             (("preset", args.preset), ("resources", args.resources), ("tests", args.tests), ("steps", args.steps))]
     command = [sys.executable, str(ROOT / "train.py"), "experiment=diffusion_merge", f"seed={args.seed}",
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=180)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "diffusion_merge")
+    parser.add_argument("--runs", type=Path, default=Path("outputs") / "diffusion_merge", help="the merges' run directories")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out
@@ -101,7 +102,7 @@ def main() -> None:
     task = DiffusionTask(cache=str(cache), preset=args.preset, seed_models_seed=args.seed, resources=args.resources,
                          tests=args.tests, steps=args.steps)
     tasks = TaskSet({"images": task}).load()  # builds the seeds on first use
-    runs = {name: run_merge(name, overrides, args, out) for name, overrides in MERGES.items()}
+    runs = {name: run_merge(name, overrides, args) for name, overrides in MERGES.items()}
     from diffusers import UNet2DConditionModel
 
     models = {name: load_unet(cache, name) for name in SEED_NAMES}
