@@ -42,6 +42,12 @@ SEARCHES: dict[str, tuple[str, ...]] = {
     "ga": ("ablation=ga",),
     "m2n2_no_split_point": ("ablation=no_split_point",),
     "m2n2_no_matchmaker": ("ablation=no_matchmaker",),
+    # M2N2's options from the paper's general form, and crossover in task-vector space (issue #22's point 4)
+    "m2n2_task_vectors": ("strategy.task_vectors=true",),
+    "m2n2_chromosomes": ("strategy.chromosomes=[*self_attn*,*mlp*]",),
+    "m2n2_per_part": ("strategy.slerp_angle=per_part",),
+    "m2n2_archive_30": ("strategy.pop_size=30",),
+    "m2n2_warmup_200": ("strategy.warmup_steps=200",),
 }
 #: The seeds alone, by position in the setting's seed list.
 ALONE = ("skill_a", "skill_b", "skill_c", "skill_d")
@@ -135,6 +141,11 @@ LM_LABELS = {
     "ga": "GA",
     "m2n2_no_split_point": "M2N2 without split point",
     "m2n2_no_matchmaker": "M2N2 without attraction",
+    "m2n2_task_vectors": "M2N2, crossover of task vectors over the base",
+    "m2n2_chromosomes": "M2N2, chromosomes: attention, MLP, the rest",
+    "m2n2_per_part": "M2N2, one SLERP angle per part (eq. 2)",
+    "m2n2_archive_30": "M2N2, archive 30",
+    "m2n2_warmup_200": "M2N2, warm-up 200",
     "map_elites": "MAP-Elites (4 bins per skill's training accuracy)",
     "cmaes_layerwise_slerp": "CMA-ES over one SLERP coefficient per layer (population 25)",
     "cmaes_layerwise_simplex": "CMA-ES over K - 1 mixing weights per layer (population 25)",

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from m2n2_lightning.lm.gradient import gradient_fine_tune
+from m2n2_lightning.lm.gradient import LR_GRID, gradient_fine_tune
 from m2n2_lightning.lm.merge import MergeResult
 from m2n2_lightning.merge_run import seed_sources
 
@@ -35,13 +35,15 @@ def training_pairs(resources: Any) -> list[tuple[str, str]]:
 
 
 def fine_tune_from(start: Callable[[Any, Any], str]) -> Callable[[Any, Any], MergeResult]:
-    """The baseline `(cfg, experiment) -> MergeResult` that fine-tunes the model at `start(cfg, experiment)`."""
+    """The baseline `(cfg, experiment) -> MergeResult` that fine-tunes the model at `start(cfg, experiment)`, once per
+    learning rate of `cfg.gradient_lrs` (compare.py's `--override +gradient_lrs=[...]`; default the module's grid)."""
 
     def baseline(cfg: Any, experiment: Any) -> MergeResult:
         pairs = training_pairs(experiment.resources)
         return gradient_fine_tune(
             start(cfg, experiment), pairs, experiment.tests, cfg.forward_passes * len(pairs), experiment.test_fn,
             train_data=experiment.resources, seed=cfg.seed, test_every=cfg.merge.test_every,
+            lrs=tuple(cfg.get("gradient_lrs") or LR_GRID),
         )
 
     return baseline
