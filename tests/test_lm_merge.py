@@ -126,10 +126,15 @@ def slerp_by_hand(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     return (math.sin((1 - w) * omega) * a + math.sin(w * omega) * b) / math.sin(omega)
 
 
-def test_slerp_sweep_keeps_the_best_training_weight(tiny: Path) -> None:
+@pytest.mark.parametrize("as_loader", [False, True], ids=["dataset", "dataloader"])
+def test_slerp_sweep_keeps_the_best_training_weight(tiny: Path, as_loader: bool) -> None:
+    """Every resource is scored, from a dataset or a DataLoader of batches (train.py's tasks give a DataLoader: its
+    len() counts batches, and the sweep once scored only the first of 12 examples there)."""
     model = load(tiny)
-    result = slerp_sweep([tiny / "skill_a", tiny / "skill_b"], model, RESOURCES, TESTS, 5, score=margin_score,
-                         test_fn=mean_margin, resource_batch_size=4)
+    resources = torch.utils.data.DataLoader(RESOURCES, batch_size=4) if as_loader else RESOURCES
+    test_fn = lambda m, data: mean_margin(m, RESOURCES if data is resources else data)  # noqa: E731
+    result = slerp_sweep([tiny / "skill_a", tiny / "skill_b"], model, resources, TESTS, 5, score=margin_score,
+                         test_fn=test_fn, resource_batch_size=4)
     a, b = (torch.nn.utils.parameters_to_vector(load(tiny, n).parameters()).detach() for n in ("skill_a", "skill_b"))
     holder = load(tiny)
     train = []

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from m2n2_lightning.evaluator import EvaluateFn, ModuleEvaluator, resource_batches
 from m2n2_lightning.lm.merge import AccuracyFn, AccuracyPoint, MergeResult
@@ -72,7 +72,8 @@ def slerp_sweep(
     start = time.perf_counter()
     flat = FlatParams(model)
     a, b = seed_vectors(model, flat, seeds)
-    evaluator = ModuleEvaluator(model, flat, score, resource_batches(resources, 0, len(resources), resource_batch_size))
+    count = len(resources.dataset) if isinstance(resources, DataLoader) else len(resources)  # examples, not batches
+    evaluator = ModuleEvaluator(model, flat, score, resource_batches(resources, 0, count, resource_batch_size))
     best, best_w, best_score = best_slerp(evaluator, a, b, points, SWEEP_CHUNK)
     flat.load_into(model, best)
     settings = {"points": points, "best_w": best_w, "best_train_score": best_score}
