@@ -5,8 +5,10 @@ resources and budget of evaluations); the seeds alone and mergekit's uniform ave
 U-Nets cost no search. Each resulting U-Net is then evaluated on the test captions of both
 languages (m2n2_lightning/diffusion/evaluate.py): the normalised similarity, the FID-like
 distance on the scorer's features, and the consistency between the languages. Writes, under
---out: results.csv, results.md, curves.png (coverage and fitness entropy of the merges), grid.png
-(the same test captions, in the second language, for every model); the runs go to --runs.
+--out: results_seed<N>.csv and .md, results.md (over every seed's CSV there: mean +- sd, and M2N2
+against each model), curves_seed<N>.png (coverage and fitness entropy of the merges) and
+grid_seed<N>.png (the same test captions, in the second language, for every model); the runs go
+to --runs.
 
     OMP_NUM_THREADS=1 python benchmarks/diffusion_merge.py [--seed 0] [--evaluations 100] [--preset full]
 """
@@ -92,6 +94,43 @@ def plot_curves(runs: dict[str, Path], path: Path) -> None:
     plt.close(figure)
 
 
+def summarize(out: Path) -> str:
+    """results.md: every metric's mean +- standard deviation over the seeds' results_seed*.csv, and whether M2N2
+    beats each other model on the mean test similarity (both languages) and on the mean FID-like distance."""
+    import statistics
+
+    rows: dict[str, list[dict[str, float]]] = {}
+    for path in sorted(out.glob("results_seed*.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                rows.setdefault(row["model"], []).append({k: float(v) for k, v in row.items() if k != "model"})
+    keys = [k for k in next(iter(rows.values()))[0] if k != "seed"]
+
+    def mean(model: str, key: str) -> float:
+        return statistics.fmean(r[key] for r in rows[model])
+
+    def cell(model: str, key: str) -> str:
+        values = [r[key] for r in rows[model]]
+        spread = f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        return f"{statistics.fmean(values):.4f}{spread}"
+
+    lines = ["| model | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    lines += [f"| {m} | {len(rows[m])} | " + " | ".join(cell(m, k) for k in keys) + " |" for m in rows]
+    similarity = {m: (mean(m, "similarity_en") + mean(m, "similarity_ja")) / 2 for m in rows}
+    fid = {m: (mean(m, "fid_en") + mean(m, "fid_ja")) / 2 for m in rows}
+    lines += ["", "| M2N2 against | higher test similarity (mean of en, ja) | lower FID-like distance (mean of en, ja) |",
+              "|---|---|---|"]
+    def verdict(ours: float, theirs: float, higher: bool) -> str:
+        return "tie" if ours == theirs else "yes" if (ours > theirs) == higher else "no"
+
+    lines += [f"| {m} | {verdict(similarity['m2n2'], similarity[m], True)} ({similarity['m2n2']:.4f} vs "
+              f"{similarity[m]:.4f}) | {verdict(fid['m2n2'], fid[m], False)} ({fid['m2n2']:.1f} vs {fid[m]:.1f}) |"
+              for m in rows if m != "m2n2"]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -102,7 +141,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "diffusion_merge")
     parser.add_argument("--runs", type=Path, default=Path("outputs") / "diffusion_merge", help="the merges' run directories")
+    parser.add_argument("--summary-only", action="store_true", help="only write results.md from the seeds' CSVs")
     args = parser.parse_args()
+    if args.summary_only:
+        print(summarize(args.out))
+        return
     torch.set_num_threads(1)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +179,7 @@ def main() -> None:
     shown = tests["ja"][:: max(1, len(tests["ja"]) // 12)][:12]
     save_grid({name: task.generate(unet, shown) for name, unet in models.items()}, [e["caption"] for e in shown],
               out / f"grid_seed{args.seed}.png")
+    print(summarize(out))
 
 
 if __name__ == "__main__":
