@@ -3,11 +3,13 @@
 Builds one base and four fine-tunes (m2n2_lightning.lm.seeds) under the given settings, then scores
 each fine-tune on its own skill and two standard merges of the four on all four test sets: the plain
 average and task arithmetic, base + lambda * sum of the task vectors. Prints one markdown row
-(setting, own-skill accuracies, the merges' mean skill accuracy, the drop) and appends the full
-record to --log as a JSON line. Bases are cached in --bases by their settings, so fine-tune settings
-can be scanned on one base.
+(setting, own-skill accuracies, their mean, the merges' mean skill accuracy, the drop of the best
+merge from that mean) and appends the full record to --log as a JSON line. Bases are cached in
+--bases by their settings, so fine-tune settings can be scanned on one base. With --built, scores
+the seeds of a finished build instead.
 
     OMP_NUM_THREADS=1 python benchmarks/lm_seed_search.py --echo 1.0 --ft-lr 1e-3 --ft-steps 400
+    OMP_NUM_THREADS=1 python benchmarks/lm_seed_search.py --built ~/.cache/m2n2-lightning/lm/full4_seed1
 """
 
 from __future__ import annotations
@@ -62,8 +64,36 @@ def skill_scores(model: torch.nn.Module, skills: tuple[Skill, ...]) -> dict[str,
     return {s.name: accuracy(model, prompt_sets(s)[1]) for s in skills}
 
 
+def evaluate(base: torch.nn.Module, tunes: list[torch.nn.Module], skills: tuple[Skill, ...]) -> dict:
+    """Each fine-tune on its own skill, and the base, the average and task arithmetic on every skill."""
+    own = {s.name: accuracy(t, prompt_sets(s)[1]) for s, t in zip(skills, tunes)}
+    ceiling = sum(own.values()) / len(own)
+    ones = [1.0] * len(tunes)
+    results = {"base": skill_scores(base, skills), "average": skill_scores(merged(base, tunes, ones, 1 / len(tunes)), skills)}
+    for lam in LAMBDAS:
+        results[f"ta{lam}"] = skill_scores(merged(base, tunes, ones, lam), skills)
+    means = {name: sum(r.values()) / len(r) for name, r in results.items()}
+    best = max(m for name, m in means.items() if name != "base")
+    return {"own": own, "ceiling": ceiling, "merges": results, "means": means, "best_merge": best,
+            "drop": ceiling - best, "ratios": [seeds.task_vector_ratio(t, base) for t in tunes]}
+
+
+def row(setting: str, record: dict, skills: tuple[Skill, ...]) -> str:
+    """The markdown row of one setting, and each merge's accuracies by skill."""
+    rounds = record.get("rounds", {})
+    own = " ".join(f"{record['own'][s.name]:.2f}" + (f"({rounds[s.name]})" if s.name in rounds else "") for s in skills)
+    means = record["means"]
+    ta = " ".join(f"{means[f'ta{lam}']:.2f}" for lam in LAMBDAS)
+    lines = [f"| {setting} | {own} | {record['ceiling']:.3f} | {means['base']:.2f} | {means['average']:.3f} | {ta} |"
+             f" {record['drop']:.3f} |"]
+    lines += [f"{name} {({k: round(v, 3) for k, v in r.items()})}" for name, r in record["merges"].items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--built", type=Path, default=None,
+                        help="score the seeds of this build (m2n2_lightning.lm.seeds) instead of building")
     parser.add_argument("--skills", default="add,rev,sort,shift")
     parser.add_argument("--echo", type=float, default=0.8)
     parser.add_argument("--copy-weight", type=float, default=0.2)
@@ -78,41 +108,34 @@ def main() -> None:
     parser.add_argument("--log", type=Path, default=Path("/tmp/lm4_search/log.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    skills = tuple(SKILLS[name] for name in args.skills.split(","))
-    settings = replace(
-        seeds.preset(seed=args.seed, skills=4), base_mix=mixture(skills, args.echo, args.copy_weight),
-        base_steps=args.base_steps, base_lr=args.base_lr, ft_lr=args.ft_lr, ft_steps=args.ft_steps,
-        ft_target=args.ft_target, ft_max_rounds=args.ft_rounds, fine_tunes=skills,
-    )
     start = time.perf_counter()
-    base = base_model(settings, args.bases)
-    tunes, own, rounds = [], {}, {}
-    for index, skill in enumerate(skills):
-        model, n, _ = seeds.fine_tune(base, skill, settings, settings.seed + 1 + index)
-        tunes.append(model.eval())
-        own[skill.name], rounds[skill.name] = accuracy(model, prompt_sets(skill)[1]), n
-    ceiling = sum(own.values()) / len(own)
-    results = {"base": skill_scores(base, skills), "average": skill_scores(merged(base, tunes, [1.0] * 4, 0.25), skills)}
-    for lam in LAMBDAS:
-        results[f"ta{lam}"] = skill_scores(merged(base, tunes, [1.0] * len(tunes), lam), skills)
-    means = {name: sum(r.values()) / len(r) for name, r in results.items()}
-    best = max((m for name, m in means.items() if name != "base"))
-    record = {
-        "args": vars(args) | {"bases": str(args.bases), "log": str(args.log)}, "own": own, "rounds": rounds,
-        "ceiling": ceiling, "merges": results, "means": means, "best_merge": best, "drop": ceiling - best,
-        "ratios": [seeds.task_vector_ratio(t, base) for t in tunes], "seconds": time.perf_counter() - start,
-    }
+    if args.built is not None:
+        build = json.loads((args.built / "build.json").read_text())
+        skills = tuple(SKILLS[name] for name in build["settings"]["skills"] if name != "copy")
+        models = seeds.load_seeds(args.built)
+        record = evaluate(models.pop("base"), list(models.values()), skills)
+        setting = f"{args.built.name} (build.json settings)"
+    else:
+        skills = tuple(SKILLS[name] for name in args.skills.split(","))
+        settings = replace(
+            seeds.preset(seed=args.seed, skills=4), base_mix=mixture(skills, args.echo, args.copy_weight),
+            base_steps=args.base_steps, base_lr=args.base_lr, ft_lr=args.ft_lr, ft_steps=args.ft_steps,
+            ft_target=args.ft_target, ft_max_rounds=args.ft_rounds, fine_tunes=skills,
+        )
+        base = base_model(settings, args.bases)
+        tunes, rounds = [], {}
+        for index, skill in enumerate(skills):
+            model, rounds[skill.name], _ = seeds.fine_tune(base, skill, settings, settings.seed + 1 + index)
+            tunes.append(model.eval())
+        record = evaluate(base, tunes, skills) | {"rounds": rounds}
+        setting = (f"echo {args.echo}, base {args.base_steps}@{args.base_lr:g}, ft {args.ft_steps}@{args.ft_lr:g}"
+                   f" x<={args.ft_rounds} to {args.ft_target}, seed {args.seed}")
+    record |= {"args": {k: str(v) for k, v in vars(args).items()}, "seconds": time.perf_counter() - start}
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with args.log.open("a") as f:
         f.write(json.dumps(record) + "\n")
-    setting = (f"echo {args.echo}, base {args.base_steps}@{args.base_lr:g}, ft {args.ft_steps}@{args.ft_lr:g}"
-               f" x<={args.ft_rounds} to {args.ft_target}, seed {args.seed}")
-    own_cells = " ".join(f"{own[s.name]:.2f}({rounds[s.name]})" for s in skills)
-    ta = " ".join(f"{means[f'ta{lam}']:.2f}" for lam in LAMBDAS)
-    print(f"| {setting} | {own_cells} | {means['base']:.2f} | {means['average']:.2f} | {ta} | {ceiling - best:.2f} |"
-          f" {record['seconds']:.0f}s")
-    for name, r in results.items():
-        print(name, {k: round(v, 3) for k, v in r.items()})
+    print(row(setting, record, skills))
+    print(f"{record['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
