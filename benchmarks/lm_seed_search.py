@@ -84,8 +84,8 @@ def row(setting: str, record: dict, skills: tuple[Skill, ...]) -> str:
     own = " ".join(f"{record['own'][s.name]:.2f}" + (f"({rounds[s.name]})" if s.name in rounds else "") for s in skills)
     means = record["means"]
     ta = " ".join(f"{means[f'ta{lam}']:.2f}" for lam in LAMBDAS)
-    lines = [f"| {setting} | {own} | {record['ceiling']:.3f} | {means['base']:.2f} | {means['average']:.3f} | {ta} |"
-             f" {record['drop']:.3f} |"]
+    head = f"| {setting} | {own} | {record['ceiling']:.3f} | {means['base']:.2f} | {means['average']:.3f} | {ta} |"
+    lines = [f"{head} {record['drop']:.3f} |"]
     lines += [f"{name} {({k: round(v, 3) for k, v in r.items()})}" for name, r in record["merges"].items()]
     return "\n".join(lines)
 
