@@ -76,6 +76,8 @@ from compare_runs import (
     run_all,
 )
 
+from m2n2_lightning.lm.merge import write_curve
+
 SETTINGS = ("scratch", "merge", *LM_METHODS)
 DEFAULT_METHODS = {"scratch": "m2n2,ga", "merge": "m2n2,ga", **{s: ",".join(m) for s, m in LM_METHODS.items()}}
 
@@ -163,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if lm:
             rows.extend(done.rows)
             curves.extend(done.curve)
+            write_curve(curves, args.out / "curves.csv", ("method", "seed"))
         else:
             rows.extend(done)
-        write_csv(rows, args.out / "results.csv")  # partial results survive an interruption
+        write_csv(rows, args.out / "results.csv")  # partial results (and curves) survive an interruption
 
     run_all(specs, args.jobs, on_done, run_lm if lm else run)
     if lm:
