@@ -31,7 +31,12 @@ from mergekit_grid import mergekit_baselines
 
 from m2n2_lightning.lm.baselines import seed_alone, slerp_sweep
 from m2n2_lightning.lm.merge import MergeResult, merge_models, quiet_trainer
-from m2n2_lightning.merge_run import check_merge, load_base, seed_sources, strategy_seeds
+from m2n2_lightning.merge_run import (
+    check_merge,
+    load_base,
+    seed_sources,
+    strategy_seeds,
+)
 from m2n2_lightning.tasks import TaskSet
 
 #: The searches of both settings: each method's Hydra overrides of the setting's experiment

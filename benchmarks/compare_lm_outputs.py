@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from compare_lm import LM_LABELS
-from compare_outputs import curve, mean_and_error, runs_by_method, write_csv
+from compare_outputs import (
+    even_grid,
+    finish_figure,
+    mean_and_error,
+    plot_runs,
+    runs_by_method,
+    write_csv,
+)
 
 from m2n2_lightning.lm.merge import write_curve
 
@@ -110,13 +117,8 @@ def save_curves(curves: Sequence[dict[str, Any]], title: str, path: Path) -> Non
     figure, panels = plt.subplots(1, len(PANELS), figsize=(12, 4.5))
     for (key, label), axes in zip(PANELS, panels):
         for method, runs in runs_by_method([row for row in curves if row.get(key) is not None]).items():
-            end = min(run[-1]["forward_passes"] for run in runs)
-            grid = [round(end * i / 200) for i in range(201)]
-            stats = [mean_and_error(values) for values in zip(*(curve(run, grid, key) for run in runs))]
-            line = axes.plot(grid, [m for m, _ in stats], label=f"{LM_LABELS.get(method, method)}, n={len(runs)}")[0]
-            if len(runs) > 1:
-                axes.fill_between(grid, [m - e for m, e in stats], [m + e for m, e in stats], color=line.get_color(),
-                                  alpha=0.2, linewidth=0)
+            plot_runs(axes, runs, even_grid(min(run[-1]["forward_passes"] for run in runs)),
+                      f"{LM_LABELS.get(method, method)}, n={len(runs)}", key)
         axes.set_xlabel("evaluations")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
@@ -139,21 +141,9 @@ def save_accuracy(rows: Sequence[dict[str, Any]], title: str, path: Path) -> Non
             passes = statistics.fmean(run[-1]["forward_passes"] for run in runs)
             axes.errorbar([passes], [mean], yerr=[error], fmt="o", capsize=3, label=label)
             continue
-        end = min(run[-1]["forward_passes"] for run in runs)
-        grid = [round(end * i / 200) for i in range(201)]
-        stats = [mean_and_error(values) for values in zip(*(curve(run, grid) for run in runs))]
-        line = axes.plot(grid, [m for m, _ in stats], label=label)[0]
-        if len(runs) > 1:
-            axes.fill_between(grid, [m - e for m, e in stats], [m + e for m, e in stats], color=line.get_color(),
-                              alpha=0.2, linewidth=0)
-    axes.set_xlabel("evaluations (candidates scored on every training prompt)")
-    axes.set_ylabel("test exact match of the best member (mean of the trained skills)")
-    axes.set_title(title, fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        plot_runs(axes, runs, even_grid(min(run[-1]["forward_passes"] for run in runs)), label)
+    finish_figure(figure, axes, path, "evaluations (candidates scored on every training prompt)",
+                  "test exact match of the best member (mean of the trained skills)", title, legend_size=7)
 
 
 #: Each setting's figure titles: what is merged.

@@ -96,6 +96,35 @@ def paper_label(method: str, paper_numbers: dict[str, float]) -> str:
     return LABELS.get(method, method) + (f" (paper {paper:.1%})" if paper is not None else "")
 
 
+def even_grid(end: int, points: int = 200) -> list[int]:
+    """`points` + 1 evenly spaced forward-pass counts from 0 to `end`."""
+    return [round(end * i / points) for i in range(points + 1)]
+
+
+def plot_runs(axes: Any, runs: Sequence[Sequence[dict[str, Any]]], grid: Sequence[int], label: str, key: str = "test_acc",
+              style: str = "-") -> None:
+    """The runs' mean `key` on `grid` as a line, with a standard-error band where there are several runs."""
+    stats = [mean_and_error(values) for values in zip(*(curve(run, grid, key) for run in runs))]
+    line = axes.plot(grid, [m for m, _ in stats], style, label=label)[0]
+    if len(runs) > 1:
+        axes.fill_between(grid, [m - e for m, e in stats], [m + e for m, e in stats], color=line.get_color(),
+                          alpha=0.2, linewidth=0)
+
+
+def finish_figure(figure: Any, axes: Any, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    """Labels, grid and legend of a one-panel figure, saved to `path` and closed."""
+    import matplotlib.pyplot as plt
+
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=legend_size, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def save_figure(runs: dict[str, list[list[dict[str, Any]]]], paper: dict[str, float], title: str, path: Path) -> None:
     """Test accuracy against forward passes: mean over seeds and a standard-error band per method."""
     import matplotlib
@@ -106,27 +135,13 @@ def save_figure(runs: dict[str, list[list[dict[str, Any]]]], paper: dict[str, fl
     figure, axes = plt.subplots(figsize=(8, 5))
     for method, method_runs in runs.items():
         end = min(r[-1]["forward_passes"] for r in method_runs)
-        grid = [round(end * i / 200) for i in range(201)]
+        grid = even_grid(end)
         if method == BRUTE_FORCE:  # a sweep over w, not a search: only its end point means something
             grid = [0, end]
             method_runs = [[r[-1]] for r in method_runs]
-        curves = [curve(r, grid) for r in method_runs]
-        stats = [mean_and_error(values) for values in zip(*curves)]
-        mean = [m for m, _ in stats]
-        style = "--" if method == BRUTE_FORCE else "-"
-        line = axes.plot(grid, mean, style, label=f"{paper_label(method, paper)}, n={len(method_runs)}")[0]
-        if len(method_runs) > 1:
-            low = [m - e for m, e in stats]
-            high = [m + e for m, e in stats]
-            axes.fill_between(grid, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    axes.set_xlabel("forward passes")
-    axes.set_ylabel("test accuracy of the best member")
-    axes.set_title(title, fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        plot_runs(axes, method_runs, grid, f"{paper_label(method, paper)}, n={len(method_runs)}",
+                  style="--" if method == BRUTE_FORCE else "-")
+    finish_figure(figure, axes, path, "forward passes", "test accuracy of the best member", title)
 
 
 def table(runs: dict[str, list[list[dict[str, Any]]]], setting: str, numbers: dict[str, float]) -> str:
