@@ -43,7 +43,7 @@ def fine_tune_from(start: Callable[[Any, Any], str]) -> Callable[[Any, Any], Mer
         return gradient_fine_tune(
             start(cfg, experiment), pairs, experiment.tests, cfg.forward_passes * len(pairs), experiment.test_fn,
             train_data=experiment.resources, seed=cfg.seed, test_every=cfg.merge.test_every,
-            lrs=tuple(cfg.get("gradient_lrs") or LR_GRID),
+            lrs=tuple(getattr(cfg, "gradient_lrs", None) or LR_GRID),
         )
 
     return baseline

@@ -165,6 +165,7 @@ def test_baseline_names() -> None:
         mg.mergekit_baseline("mergekit_fancy")
 
 
+@pytest.mark.slow  # 26 mergekit merges written and read back
 def test_the_four_seed_grid_runs_every_method_once_per_point(models: tuple[str, list[str]]) -> None:
     """grid(4) through mergekit on four seeds: 26 evaluations, each method's count, distinct merges per point."""
     base, seeds = models

@@ -85,6 +85,7 @@ def test_the_strategy_runs_and_refuses_what_cannot_hold_it() -> None:
         M2N2Strategy(d, pop_size=4, init_models=seeds[1:], storage="coefficients", task_vectors=True)
 
 
+@pytest.mark.slow  # a train.py run in a subprocess
 def test_train_py_merges_in_task_vector_space_and_the_recipe_rebuilds_it(tiny, tmp_path) -> None:  # noqa: F811
     """train.py passes the base as the last seed; best_model/'s recipe names it and rebuilds the merge bit for bit."""
     from test_lm_entry import tiny_seeds, train_lm
