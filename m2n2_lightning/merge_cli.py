@@ -40,7 +40,7 @@ TASK_TYPES = {
 }
 #: Recipe keys -> the app's keys (the others: models, base_model, dtype, tasks, batch_size, test_every under merge.*).
 TOP_LEVEL = {"evaluations": "forward_passes", "seed": "seed", "device": "trainer.accelerator"}
-MERGE_KEYS = ("models", "base_model", "dtype", "batch_size", "test_every")
+MERGE_KEYS = ("models", "base_model", "model_class", "dtype", "batch_size", "test_every")
 KNOWN = {*TOP_LEVEL, *MERGE_KEYS, "tasks", "merge_method", "ablation", "parameters"}
 
 

@@ -165,18 +165,19 @@ def test_the_score_shift_changes_which_row_is_dropped_on_a_real_archive(reduced_
 
 @pytest.mark.slow
 def test_a_recipe_merges_the_u_nets_through_m2n2_merge(reduced_run: tuple[Path, Path, dict, float], tmp_path: Path) -> None:
-    """The merge-entry command with a recipe: the U-Nets' weight files as models, the task by its class."""
+    """The merge-entry command with a recipe: the U-Nets' weight files as models, their class, the task by its class."""
     cache = reduced_run[1]
     recipe = {
         "models": [str(unet_dir(cache, name) / "diffusion_pytorch_model.safetensors") for name in SEED_NAMES],
-        "base_model": str(unet_dir(cache, "bilingual")), "merge_method": "m2n2_merge", "evaluations": 6,
+        "base_model": str(unet_dir(cache, "bilingual")), "model_class": "diffusers.UNet2DConditionModel",
+        "merge_method": "m2n2_merge", "evaluations": 6,
         "parameters": {"score_shift": True, "chromosomes": ["*attentions*"]},
         "tasks": {"images": {"_target_": "m2n2_lightning.tasks.diffusion.DiffusionTask", "cache": str(cache), **SMALL}},
     }
     (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
     result = subprocess.run(
         [sys.executable, "-m", "m2n2_lightning.merge_cli", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"),
-         "++merge.model_class=diffusers.UNet2DConditionModel", "trainer.enable_progress_bar=false"],
+         "trainer.enable_progress_bar=false"],
         check=False, capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
