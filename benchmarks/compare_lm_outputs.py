@@ -25,6 +25,7 @@ from compare_outputs import (
     runs_by_method,
     write_csv,
 )
+from mergekit_grid import BEST as MERGEKIT_BEST
 
 from m2n2_lightning.lm.merge import write_curve
 
@@ -130,19 +131,22 @@ def save_curves(curves: Sequence[dict[str, Any]], title: str, path: Path) -> Non
 
 
 def save_accuracy(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
-    """The best member's test accuracy (mean of the trained skills) against evaluations: a line per search (mean
-    over seeds, standard-error band), a point with whiskers per baseline that spends its evaluations at once."""
+    """The best member's test accuracy (mean of the trained skills) against evaluations, on a log axis: a line per
+    search and for mergekit's whole grid (mean over seeds; the standard errors are in table.md), a point with
+    standard-error whiskers per baseline that spends its evaluations at once and per mergekit method's grid."""
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(10, 5.5))
+    figure, axes = plt.subplots(figsize=(12, 5.5))
     for method, runs in runs_by_method(rows).items():
         label = f"{LM_LABELS.get(method, method)}, n={len(runs)}"
-        if all(len(run) == 1 for run in runs):
+        if all(len(run) == 1 for run in runs) or (method.startswith("mergekit_") and method != MERGEKIT_BEST):
             mean, error = mean_and_error([run[-1]["test_acc"] for run in runs])
-            passes = statistics.fmean(run[-1]["forward_passes"] for run in runs)
+            passes = max(1.0, statistics.fmean(run[-1]["forward_passes"] for run in runs))  # the seeds at 1 on the log axis
             axes.errorbar([passes], [mean], yerr=[error], fmt="o", capsize=3, label=label)
             continue
-        plot_runs(axes, runs, even_grid(min(run[-1]["forward_passes"] for run in runs)), label)
-    finish_figure(figure, axes, path, "evaluations (candidates scored on every training prompt)",
+        grid = sorted({1, *even_grid(min(run[-1]["forward_passes"] for run in runs))} - {0})
+        plot_runs(axes, runs, grid, label, band=False)
+    axes.set_xscale("log")
+    finish_figure(figure, axes, path, "evaluations (candidates scored on every training prompt; log scale)",
                   "test exact match of the best member (mean of the trained skills)", title, legend_size=7)
 
 

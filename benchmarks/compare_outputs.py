@@ -102,11 +102,11 @@ def even_grid(end: int, points: int = 200) -> list[int]:
 
 
 def plot_runs(axes: Any, runs: Sequence[Sequence[dict[str, Any]]], grid: Sequence[int], label: str, key: str = "test_acc",
-              style: str = "-") -> None:
+              style: str = "-", band: bool = True) -> None:
     """The runs' mean `key` on `grid` as a line, with a standard-error band where there are several runs."""
     stats = [mean_and_error(values) for values in zip(*(curve(run, grid, key) for run in runs))]
     line = axes.plot(grid, [m for m, _ in stats], style, label=label)[0]
-    if len(runs) > 1:
+    if band and len(runs) > 1:
         axes.fill_between(grid, [m - e for m, e in stats], [m + e for m, e in stats], color=line.get_color(),
                           alpha=0.2, linewidth=0)
 
@@ -119,7 +119,8 @@ def finish_figure(figure: Any, axes: Any, path: Path, xlabel: str, ylabel: str, 
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=legend_size, loc="lower right")
+    axes.legend(fontsize=legend_size, loc="lower right" if legend_size >= 8 else "center left", bbox_to_anchor=None
+                if legend_size >= 8 else (1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
