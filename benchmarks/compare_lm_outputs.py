@@ -136,6 +136,7 @@ def save_accuracy(rows: Sequence[dict[str, Any]], title: str, path: Path) -> Non
     standard-error whiskers per baseline that spends its evaluations at once and per mergekit method's grid."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(12, 5.5))
+    axes.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # 20 colours: one per method of a full comparison
     for method, runs in runs_by_method(rows).items():
         label = f"{LM_LABELS.get(method, method)}, n={len(runs)}"
         if all(len(run) == 1 for run in runs) or (method.startswith("mergekit_") and method != MERGEKIT_BEST):
