@@ -102,3 +102,27 @@ def test_train_py_merges_in_task_vector_space_and_the_recipe_rebuilds_it(tiny, t
     rebuilt = AutoModelForCausalLM.from_pretrained(rebuild_to(tmp_path / "run" / "best_model" / RECIPE_FILE,
                                                               tmp_path / "rebuilt")).state_dict()
     assert all(torch.equal(value, merged[name]) for name, value in rebuilt.items())
+
+
+@pytest.mark.slow  # three bf16 vectors past 2^24 and their float64 reference (about 1.5 GB)
+def test_past_two_to_the_24_in_bf16_the_split_and_the_coefficients_hold() -> None:
+    d, split = (1 << 24) + 1003, (1 << 24) + 17
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(d, generator=generator).bfloat16()
+    tuned = [(base.float() + 0.05 * torch.randn(d, generator=generator)).bfloat16() for _ in range(2)]
+    archive = CoefficientArchive(3, d, [*tuned, base], task_vectors=True)
+    archive.forms[:2] = archive.initial_children(None, 0.0, torch.Generator()).forms
+    child = archive.crossover(torch.tensor([0]), torch.tensor([1]), torch.tensor([split]),
+                              torch.tensor([[0.3]], dtype=torch.float64))
+    a, b = (x.double() - base.double() for x in tuned)
+    rows = [[*slerp_coefficients(a, b, t), 0.0] for t in (0.3, 0.7)]
+    rows = [[c_a, c_b, 1 - c_a - c_b] for c_a, c_b, _ in rows]
+    assert child.forms[0][0].tolist() == [split]
+    assert torch.allclose(child.forms[0][1], torch.tensor(rows, dtype=torch.float64), rtol=0, atol=1e-12)
+    written = child.dense()[0]
+    assert written.dtype == torch.bfloat16
+    expected = base.double().clone()
+    expected[:split] += rows[0][0] * a[:split] + rows[0][1] * b[:split]
+    expected[split:] += rows[1][0] * a[split:] + rows[1][1] * b[split:]
+    error = (written.double() - expected).abs() / expected.abs().clamp_min(1e-3)
+    assert float(error.max()) <= 2**-8  # one bf16 rounding of each value
