@@ -67,6 +67,25 @@ def warmup_cosine(steps: int) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
 
 
+def adamw_with_schedule(model: nn.Module, lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (no weight decay) and its `warmup_cosine` schedule over `steps`: the seed builds' and this baseline's."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+
+
+def answer_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, batch: tuple[Tensor, Tensor, Tensor]) -> None:
+    """One step on the answers of an encoded batch (ids, mask, labels: teacher forcing), gradients clipped to norm 1,
+    then the schedule's step."""
+    device = next(model.parameters()).device
+    ids, mask, labels = (t.to(device) for t in batch)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def train_run(
     model: nn.Module,
     pairs: Sequence[Pair],
@@ -90,26 +109,18 @@ def train_run(
     """
     check_positive_int("test_every", test_every, 0)
     steps = math.ceil(example_passes / check_positive_int("batch_size", batch_size, 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    optimizer, schedule = adamw_with_schedule(model, lr, steps)
     n, passes, seconds = len(pairs), 0, 0.0
 
     def point() -> AccuracyPoint:
         model.eval()
         return AccuracyPoint(passes // n, seconds, {name: float(test_fn(model, data)) for name, data in tests.items()})
 
-    device = next(model.parameters()).device
     points, at = [point()], [0]
     for indices in batch_schedule(n, example_passes, batch_size, seed):
         start = time.perf_counter()
         model.train()
-        ids, mask, labels = encode(*zip(*(pairs[i] for i in indices)))
-        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        answer_step(model, optimizer, schedule, encode(*zip(*(pairs[i] for i in indices))))
         before, passes = passes, passes + len(indices)
         seconds += time.perf_counter() - start
         if passes == example_passes or (test_every and passes // (test_every * n) > before // (test_every * n)):

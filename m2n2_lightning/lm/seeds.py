@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from m2n2_lightning.lm.gradient import adamw_with_schedule, answer_step
 from m2n2_lightning.lm.tasks import (
     SKILL_A,
     SKILL_B,
@@ -154,11 +155,7 @@ def train(
     rng = random.Random(seed)
     held_out = held_out_prompts()
     skills, weights = zip(*mix)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
+    optimizer, schedule = adamw_with_schedule(model, lr, steps)
     model.train()
     for _ in range(steps):
         pairs = []
@@ -166,13 +163,7 @@ def train(
             prompt, answer = rng.choices(skills, weights)[0].sample(rng)
             if prompt not in held_out:
                 pairs.append((prompt, answer))
-        ids, mask, labels = TOKENIZER.batch_train(*zip(*pairs))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        answer_step(model, optimizer, schedule, TOKENIZER.batch_train(*zip(*pairs)))
         if progress is not None:
             progress.update()
     model.eval()
